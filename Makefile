@@ -1,0 +1,20 @@
+# The two commands of the README: `make run` (the main job) and `make test`.
+# Both create .venv/ from pyproject.toml on first use and reinstall when it
+# changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: run test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/python experiments/lowrank_demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 -q

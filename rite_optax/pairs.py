@@ -1,0 +1,382 @@
+"""Finding LoRA factor pairs in a pytree, and their canonical layout.
+
+Every optimizer of the library is defined on a canonical pair (ALGORITHMS.md,
+"Notation and layouts"): ``A (m, r)``, the input-side factor, and ``B (n, r)``,
+the output-side factor (zero at LoRA init), so that the weight change is
+``s * A @ B.T``. Real trees store factors in other layouts; this module is the
+one place that walks a pytree, recognises the factors, groups them into pairs
+and maps each factor to and from the canonical layout.
+
+A factor maps to the canonical layout by moving its batch axes (stacked or
+scanned layers) first, its rank axis last, and flattening every other axis into
+rows: ``(*batch, rows, r)``, then ``(num_batch, rows, r)``. Optimizers vmap
+their per-pair math over the leading axis.
+
+Recognised automatically (the last key of a leaf's path, ignoring the
+``.value`` of an ``nnx.Variable``):
+
+==========================  =====================  ====================  ==========
+layout                      input-side factor      output-side factor    batch axes
+==========================  =====================  ====================  ==========
+Flax NNX ``nnx.LoRA``       ``lora_a (..., in, r)``  ``lora_b (..., r, out)``  leading
+Gemma library ``lora``      ``lora/a (*in, r)``      ``lora/b (r, *out)``      none
+HF PEFT names               ``lora_A (..., r, in)``  ``lora_B (..., out, r)``  leading
+==========================  =====================  ====================  ==========
+
+(a PEFT factor may also be a node holding ``weight`` or ``kernel``, optionally
+under an adapter name: ``lora_A/default/weight``). For anything else, pass a
+``spec``: a function ``(path, leaf) -> FactorSpec | None`` that names each
+factor's pair, side, rank axis and batch axes (it is consulted before the
+automatic rules; returning ``None`` falls back to them).
+
+Every leaf of the tree must belong to a pair. To train LoRA factors next to
+other leaves (biases, norms), route the factors to the LoRA optimizer with
+optax's combinators, for example::
+
+    is_lora = lambda path, _: rite_optax.pairs.is_lora_factor(path)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda p, x: "lora" if is_lora(p, x) else "other", params)
+    tx = optax.multi_transform(
+        {"lora": rite_optax.lora_rite(1e-3), "other": optax.adamw(1e-3)},
+        labels)
+
+(or ``optax.partition`` with the same labels). The LoRA optimizer then sees
+only the factors: the other leaves are ``optax.MaskedNode`` and have no leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Hashable, Literal, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Side = Literal["in", "out"]
+KeyPath = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSpec:
+  """How one LoRA factor is stored.
+
+  Attributes:
+    pair: any hashable naming the adapter; the two factors of one adapter share
+      it, and no other leaf has it.
+    side: ``"in"`` for the input-side factor (canonical ``A``, Flax ``lora_a``),
+      ``"out"`` for the output-side factor (canonical ``B``, zero at init).
+    rank_axis: the axis of length ``r``.
+    batch_axes: axes that index independent adapters (stacked or scanned
+      layers); both factors of a pair must have the same batch shape.
+  """
+
+  pair: Hashable
+  side: Side
+  rank_axis: int
+  batch_axes: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorLayout:
+  """A factor's resolved layout: where its batch, row and rank axes are."""
+
+  path: str
+  shape: tuple[int, ...]
+  side: Side
+  rank_axis: int
+  batch_axes: tuple[int, ...]
+
+  @property
+  def row_axes(self) -> tuple[int, ...]:
+    special = set(self.batch_axes) | {self.rank_axis}
+    return tuple(i for i in range(len(self.shape)) if i not in special)
+
+  @property
+  def rank(self) -> int:
+    return self.shape[self.rank_axis]
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[i] for i in self.batch_axes)
+
+  @property
+  def num_batch(self) -> int:
+    return math.prod(self.batch_shape)
+
+  @property
+  def rows(self) -> int:
+    return math.prod(self.shape[i] for i in self.row_axes)
+
+  @property
+  def _perm(self) -> tuple[int, ...]:
+    return self.batch_axes + self.row_axes + (self.rank_axis,)
+
+  def to_canonical(self, x: jax.Array) -> jax.Array:
+    """``x`` of this factor's shape -> ``(num_batch, rows, r)``."""
+    return jnp.transpose(x, self._perm).reshape(
+        self.num_batch, self.rows, self.rank)
+
+  def from_canonical(self, y: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_canonical`."""
+    permuted_shape = tuple(self.shape[i] for i in self._perm)
+    inverse = tuple(sorted(range(len(self._perm)), key=self._perm.__getitem__))
+    return jnp.transpose(y.reshape(permuted_shape), inverse)
+
+  def per_adapter_shape(self, *trailing: int) -> tuple[int, ...]:
+    """Shape of per-adapter state (e.g. an ``r x r`` moment) for this factor."""
+    return self.batch_shape + tuple(trailing)
+
+  def per_adapter_to_canonical(self, x: jax.Array) -> jax.Array:
+    return x.reshape((self.num_batch,) + x.shape[len(self.batch_axes):])
+
+  def per_adapter_from_canonical(self, y: jax.Array) -> jax.Array:
+    return y.reshape(self.batch_shape + y.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPair:
+  """One adapter: its name and the leaf indices and layouts of its factors."""
+
+  name: str
+  a_index: int
+  b_index: int
+  a: FactorLayout  # input-side, canonical (m, r)
+  b: FactorLayout  # output-side, canonical (n, r)
+
+
+def _key_name(key: Any) -> Any:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def _strip_variable(path: KeyPath) -> KeyPath:
+  # nnx.Variable leaves flatten with a trailing `.value`; the factor is the
+  # Variable, so its name is the key before that.
+  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name in ("value", "raw_value")):
+    path = path[:-1]
+  return path
+
+
+def path_str(path: KeyPath, root: str = "params") -> str:
+  """``params['layer_0']['lora']['a']`` for error messages."""
+  return root + jax.tree_util.keystr(_strip_variable(tuple(path)))
+
+
+_PEFT_NAMES = {"lora_A": "in", "lora_B": "out"}
+_PEFT_LEAF_NAMES = ("weight", "kernel")
+
+
+def auto_factor_spec(path: KeyPath, leaf: Any) -> Optional[FactorSpec]:
+  """The automatic rules of the module docstring; ``None`` if none applies."""
+  path = _strip_variable(tuple(path))
+  names = [_key_name(k) for k in path]
+  ndim = len(getattr(leaf, "shape", ()))
+  if not names:
+    return None
+  last = names[-1]
+  parent = tuple(names[:-1])
+  # Flax NNX: lora_a (..., in, r), lora_b (..., r, out); leading axes stack.
+  if last in ("lora_a", "lora_b") and ndim >= 2:
+    batch = tuple(range(ndim - 2))
+    if last == "lora_a":
+      return FactorSpec(("nnx",) + parent, "in", ndim - 1, batch)
+    return FactorSpec(("nnx",) + parent, "out", ndim - 2, batch)
+  # Gemma library LoRA wrappers: lora/a (*in, r), lora/b (r, *out).
+  if last in ("a", "b") and parent and parent[-1] == "lora" and ndim >= 2:
+    if last == "a":
+      return FactorSpec(("gemma",) + parent, "in", ndim - 1)
+    return FactorSpec(("gemma",) + parent, "out", 0)
+  # PEFT: lora_A (..., r, in), lora_B (..., out, r), possibly as
+  # lora_A[/adapter]/weight.
+  for i in range(len(names) - 1, -1, -1):
+    if names[i] in _PEFT_NAMES:
+      rest = names[i + 1:]
+      if rest and rest[-1] not in _PEFT_LEAF_NAMES:
+        return None
+      if len(rest) > 2 or ndim < 2:
+        return None
+      side = _PEFT_NAMES[names[i]]
+      key = ("peft",) + tuple(names[:i]) + tuple(rest)
+      batch = tuple(range(ndim - 2))
+      return FactorSpec(key, side, ndim - 2 if side == "in" else ndim - 1,
+                        batch)
+  return None
+
+
+def is_lora_factor(path: KeyPath, leaf: Any = None) -> bool:
+  """Whether the automatic rules recognise ``path`` as a LoRA factor.
+
+  With ``leaf=None`` only the names are checked (any rank >= 2 is assumed).
+  """
+  if leaf is None:
+    leaf = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  return auto_factor_spec(path, leaf) is not None
+
+
+SpecFn = Callable[[KeyPath, Any], Optional[FactorSpec]]
+
+
+def _resolve(path: KeyPath, leaf: Any, spec: Optional[SpecFn],
+             root: str) -> tuple[FactorLayout, Hashable]:
+  where = path_str(path, root)
+  if not hasattr(leaf, "shape"):
+    raise ValueError(f"{where}: expected an array, got {type(leaf).__name__}")
+  factor = spec(path, leaf) if spec is not None else None
+  if factor is None:
+    factor = auto_factor_spec(path, leaf)
+  if factor is None:
+    raise ValueError(
+        f"{where}: leaf of shape {tuple(leaf.shape)} belongs to no LoRA pair. "
+        "LoRA optimizers take trees of LoRA factors only; route other leaves "
+        "to another optimizer with optax.multi_transform / optax.partition "
+        "(see rite_optax.pairs), or describe the factor with a FactorSpec.")
+  if factor.side not in ("in", "out"):
+    raise ValueError(f"{where}: side must be 'in' or 'out', got {factor.side!r}")
+  ndim = len(leaf.shape)
+  axes = (factor.rank_axis,) + tuple(factor.batch_axes)
+  if any(not -ndim <= ax < ndim for ax in axes):
+    raise ValueError(
+        f"{where}: rank axis {factor.rank_axis} / batch axes "
+        f"{factor.batch_axes} out of range for shape {tuple(leaf.shape)}")
+  rank_axis = factor.rank_axis % ndim
+  batch_axes = tuple(ax % ndim for ax in factor.batch_axes)
+  if rank_axis in batch_axes or len(set(batch_axes)) != len(batch_axes):
+    raise ValueError(
+        f"{where}: rank axis {factor.rank_axis} and batch axes "
+        f"{factor.batch_axes} overlap")
+  return FactorLayout(where, tuple(leaf.shape), factor.side, rank_axis,
+                      batch_axes), factor.pair
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPairs:
+  """The pairs of one tree: a static description, computed at trace time.
+
+  ``layouts[i]`` is the layout of the tree's ``i``-th leaf (in
+  ``jax.tree_util.tree_leaves`` order); ``pairs`` group them.
+  """
+
+  layouts: tuple[FactorLayout, ...]
+  pairs: tuple[LoraPair, ...]
+
+  def _leaves(self, tree: Any, what: str) -> list[jax.Array]:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if len(leaves) != len(self.layouts):
+      raise ValueError(
+          f"{what} has {len(leaves)} leaves but the LoRA parameters have "
+          f"{len(self.layouts)}; they must have the same tree structure")
+    return leaves
+
+  def check_like(self, tree: Any, what: str) -> None:
+    """Raise if ``tree`` does not have the parameters' leaves and shapes."""
+    for layout, leaf in zip(self.layouts, self._leaves(tree, what)):
+      if tuple(leaf.shape) != layout.shape:
+        raise ValueError(
+            f"{layout.path}: {what} has shape {tuple(leaf.shape)} but the "
+            f"parameter has shape {layout.shape}")
+
+  def split(self, tree: Any, what: str = "tree") -> list[tuple[jax.Array,
+                                                             jax.Array]]:
+    """Factor-shaped leaves -> per pair ``(A, B)``, each ``(num_batch, rows, r)``."""
+    leaves = self._leaves(tree, what)
+    return [(p.a.to_canonical(leaves[p.a_index]),
+             p.b.to_canonical(leaves[p.b_index])) for p in self.pairs]
+
+  def merge(self, like: Any, per_pair: Sequence[tuple[jax.Array, jax.Array]],
+            dtypes: Optional[Sequence[Any]] = None) -> Any:
+    """Inverse of :meth:`split`; the result has ``like``'s tree structure.
+
+    ``dtypes``, one per leaf, casts each leaf (e.g. to its parameter's dtype).
+    """
+    leaves: list[Any] = [None] * len(self.layouts)
+    for p, (a, b) in zip(self.pairs, per_pair):
+      leaves[p.a_index] = p.a.from_canonical(a)
+      leaves[p.b_index] = p.b.from_canonical(b)
+    if dtypes is not None:
+      leaves = [x.astype(d) for x, d in zip(leaves, dtypes)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                        leaves)
+
+  def split_per_adapter(self, tree: Any, what: str = "tree"
+                        ) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-adapter leaves ``(*batch, ...)`` -> per pair ``(num_batch, ...)``."""
+    leaves = self._leaves(tree, what)
+    return [(p.a.per_adapter_to_canonical(leaves[p.a_index]),
+             p.b.per_adapter_to_canonical(leaves[p.b_index]))
+            for p in self.pairs]
+
+  def merge_per_adapter(self, like: Any,
+                        per_pair: Sequence[tuple[jax.Array, jax.Array]]) -> Any:
+    leaves: list[Any] = [None] * len(self.layouts)
+    for p, (a, b) in zip(self.pairs, per_pair):
+      leaves[p.a_index] = p.a.per_adapter_from_canonical(a)
+      leaves[p.b_index] = p.b.per_adapter_from_canonical(b)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                        leaves)
+
+  def init_per_adapter(self, like: Any, trailing_fn: Callable[[FactorLayout],
+                                                              tuple[int, ...]],
+                       dtypes: Sequence[Any]) -> Any:
+    """Zeros of shape ``(*batch, *trailing_fn(layout))`` at every factor."""
+    leaves = [jnp.zeros(layout.per_adapter_shape(*trailing_fn(layout)), dtype)
+              for layout, dtype in zip(self.layouts, dtypes)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                        leaves)
+
+
+def find_pairs(tree: Any, spec: Optional[SpecFn] = None,
+               root: str = "params") -> LoraPairs:
+  """Find the LoRA pairs of ``tree`` (arrays or ``ShapeDtypeStruct`` leaves).
+
+  Raises:
+    ValueError: naming the pytree path, for a leaf that belongs to no pair, a
+      factor without its partner, two factors on the same side of one pair,
+      or factors whose ranks or batch shapes disagree.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  layouts: list[FactorLayout] = []
+  groups: dict[Hashable, dict[str, int]] = {}
+  for index, (path, leaf) in enumerate(flat):
+    layout, pair_key = _resolve(path, leaf, spec, root)
+    layouts.append(layout)
+    group = groups.setdefault(pair_key, {})
+    if layout.side in group:
+      other = layouts[group[layout.side]].path
+      raise ValueError(
+          f"{layout.path}: second {layout.side!r}-side factor of one LoRA "
+          f"pair (the first is {other})")
+    group[layout.side] = index
+  pairs = []
+  for group in groups.values():
+    if len(group) != 2:
+      (side, index), = group.items()
+      missing = "output-side" if side == "in" else "input-side"
+      raise ValueError(
+          f"{layouts[index].path}: LoRA factor has no {missing} partner")
+    a, b = layouts[group["in"]], layouts[group["out"]]
+    name = _common_prefix(a.path, b.path)
+    if a.rank != b.rank:
+      raise ValueError(
+          f"{name}: input-side factor {a.path} has rank {a.rank} but "
+          f"output-side factor {b.path} has rank {b.rank}")
+    if a.batch_shape != b.batch_shape:
+      raise ValueError(
+          f"{name}: input-side factor {a.path} has batch shape "
+          f"{a.batch_shape} but output-side factor {b.path} has "
+          f"{b.batch_shape}")
+    pairs.append(LoraPair(name, group["in"], group["out"], a, b))
+  return LoraPairs(tuple(layouts), tuple(pairs))
+
+
+def _common_prefix(a: str, b: str) -> str:
+  # The adapter's name for messages: the factors' paths up to the last
+  # complete key they share.
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  cut = a.rfind("]", 0, n + 1)
+  return a[:cut + 1] if cut > 0 else a
