@@ -1,0 +1,369 @@
+"""LoRA-Pro: LoRA steps that follow full fine-tuning as closely as they can.
+
+Wang, Liang, Zhang, Tan, Wang. "LoRA-Pro: Are Low-Rank Adapters Properly
+Optimized?", ICLR 2025.
+
+A LoRA step moves the weight ``W0 + s A B.T`` along an "equivalent gradient"
+``s (gA B.T + A gB.T)`` of rank at most ``2 r``. LoRA-Pro picks the factor
+gradients ``gA, gB`` whose equivalent gradient is the Frobenius-closest one to
+the full fine-tuning gradient, runs Adam on it in the full weight space, and
+maps Adam's step back to the factors the same way. The exact algorithm is
+ALGORITHMS.md section 3 (``mode="full"``) and 3b (``mode="efficient"``, the
+paper's memory-efficient variant); comments cite its steps.
+
+In the canonical layout of :mod:`rite_optax.pairs`, ``A (m, r)`` is the
+input-side factor and ``B (n, r)`` the output-side one (zero at LoRA init);
+the roles are not symmetric, so the pairing module must know which is which.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rite_optax import linalg
+from rite_optax import pairs as pairs_lib
+
+MODES = ("full", "efficient")
+
+
+class ScaleByLoraProState(NamedTuple):
+  """State of :func:`scale_by_lora_pro`; ``mu``, ``nu`` have the params' tree.
+
+  Attributes:
+    count: number of steps taken, ``int32``.
+    mu: Adam's first moments.
+    nu: Adam's second moments.
+
+  With ``mode="efficient"`` (ALGORITHMS.md 3b) ``mu`` and ``nu`` are Adam's own:
+  each factor's shape.
+
+  With ``mode="full"`` (ALGORITHMS.md 3) the moments ``Mf, Vf`` belong to the
+  adapter, not to a factor: each is the size of the full weight, ``(m, n)``
+  (the canonical rows of ``A`` by the canonical rows of ``B``). They are
+  stored at the adapter's **input-side** factor, ``(*batch, m, n)``; the
+  output-side factor holds a placeholder of zeros, ``(*batch,)``. Why this
+  layout: it keeps the state a plain pytree of arrays with the params' tree,
+  so it jits, shards and checkpoints like any optax state, and
+  ``state.mu[...]['lora_a']`` is that adapter's moment, found by the same path
+  as its parameters (a tuple indexed by pair order would not say which adapter
+  is which). The placeholder is one number per stacked layer rather than an
+  empty ``(*batch, 0)`` array because checkpointers (orbax) refuse zero-size
+  arrays.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _compute_dtype(*dtypes) -> jnp.dtype:
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def _gram_pinv(x: jax.Array, delta: jax.Array) -> jax.Array:
+  """``pinv(X.T X + delta I)`` for a factor ``x (rows, r)``."""
+  gram = x.T @ x
+  return linalg.pinv_psd(gram + delta * jnp.eye(gram.shape[0],
+                                                dtype=gram.dtype))
+
+
+def _project_out(b: jax.Array, gram_pinv_b: jax.Array,
+                 y: jax.Array) -> jax.Array:
+  """``Pb y = (I - B Gb B.T) y`` without forming the ``n x n`` projector."""
+  return y - b @ (gram_pinv_b @ (b.T @ y))
+
+
+def lora_pro_adjusted_grads(
+    a: jax.Array,
+    b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    scale: jax.Array | float,
+    first_step: jax.Array | bool,
+    delta: jax.Array | float = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
+  """ALGORITHMS.md 3.1: LoRA-Pro's adjusted gradients on one canonical pair.
+
+  ``a (m, r)`` input-side, ``b (n, r)`` output-side, ``grad_a, grad_b`` their
+  raw gradients, ``scale`` the adapter scale ``s``. ``first_step`` (``t = 0``;
+  may be traced) selects the first-step rule, which does not divide by
+  ``B.T B`` (zero at LoRA init)::
+
+    t = 0:  gA = G_A,               gB = (1/s^2) G_B Ga
+    t > 0:  gA = (1/s^2) G_A Gb,    gB = (1/s^2) Pb G_B Ga
+
+  with ``Ga = pinv(A.T A + delta I)``, ``Gb = pinv(B.T B + delta I)`` and
+  ``Pb = I - B Gb B.T``. For ``t > 0`` (and ``delta -> 0``) the equivalent
+  gradient :func:`lora_pro_equivalent_gradient` of the result is the
+  Frobenius-closest point to the full gradient ``G`` (``G_A = s G B``,
+  ``G_B = s G.T A``) among all ``s (x B.T + A y.T)``.
+
+  Cost: ``O((m + n) r^2 + r^3)`` flops.
+  """
+  return _adjust(a, b, grad_a, grad_b, 1.0 / jnp.square(scale), first_step,
+                 _gram_pinv(a, delta), _gram_pinv(b, delta))
+
+
+def _adjust(a, b, grad_a, grad_b, inv_s2, first_step, gram_pinv_a,
+            gram_pinv_b):
+  """ALGORITHMS.md 3.1 given ``Ga``, ``Gb``: both rules, selected by ``t``."""
+  later_a = inv_s2 * grad_a @ gram_pinv_b
+  later_b = inv_s2 * _project_out(b, gram_pinv_b, grad_b) @ gram_pinv_a
+  first_b = inv_s2 * grad_b @ gram_pinv_a
+  return (jnp.where(first_step, grad_a, later_a),
+          jnp.where(first_step, first_b, later_b))
+
+
+def lora_pro_equivalent_gradient(a: jax.Array, b: jax.Array, ga: jax.Array,
+                                 gb: jax.Array,
+                                 scale: jax.Array | float) -> jax.Array:
+  """ALGORITHMS.md 3.2: ``E = s (gA B.T + A gB.T)``, shape ``(m, n)``.
+
+  Cost: ``O(m n r)`` flops and an ``(m, n)`` array.
+  """
+  return scale * (ga @ b.T + a @ gb.T)
+
+
+def lora_pro_efficient_adjusted_grads(
+    a: jax.Array,
+    b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    scale: jax.Array | float,
+    jitter: jax.Array | float = 1e-6,
+) -> tuple[jax.Array, jax.Array]:
+  """ALGORITHMS.md 3b.1-3b.2: the memory-efficient mode's adjusted gradients.
+
+  With ``SA = A.T A + jitter I`` and ``SB = B.T B + jitter I`` (definite, so the
+  same rule serves every step, ``B = 0`` included), solve
+  ``SB X + X SA = -(1/s^2) inv(SB) G_A.T A`` and return
+  ``gA = (1/s^2) G_A inv(SB) + A X.T``,
+  ``gB = (1/s^2) (I - B inv(SB) B.T) G_B inv(SA) - B X``.
+
+  Cost: ``O((m + n) r^2 + r^3)`` flops; nothing of size ``m x n``.
+  """
+  inv_s2 = 1.0 / jnp.square(scale)
+  eye = jnp.eye(a.shape[1], dtype=a.dtype)
+  sa_inv = jnp.linalg.inv(a.T @ a + jitter * eye)
+  sb_inv = jnp.linalg.inv(b.T @ b + jitter * eye)
+  # 3b.1: Sylvester equation for the free r x r component.
+  x = linalg.solve_sylvester_sym(
+      b.T @ b + jitter * eye, a.T @ a + jitter * eye,
+      -inv_s2 * sb_inv @ (grad_a.T @ a))
+  # 3b.2
+  ga = inv_s2 * grad_a @ sb_inv + a @ x.T
+  gb = inv_s2 * _project_out(b, sb_inv, grad_b) @ sa_inv - b @ x
+  return ga, gb
+
+
+def _adam_moments(g, mu, nu, count, b1, b2, eps):
+  """Adam with bias correction (ALGORITHMS.md 3.3 / 3b.3), elementwise."""
+  mu = b1 * mu + (1 - b1) * g
+  nu = b2 * nu + (1 - b2) * jnp.square(g)
+  t = (count + 1).astype(g.dtype)
+  direction = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
+  return direction, mu, nu
+
+
+def _full_space_step(a, b, grad_a, grad_b, mu, nu, count, scale, b1, b2, eps,
+                     delta):
+  """ALGORITHMS.md 3.1-3.5 on one canonical pair; ``mu, nu (m, n)``."""
+  first_step = count == 0
+  inv_s2 = 1.0 / jnp.square(scale)
+  gram_pinv_a = _gram_pinv(a, delta)
+  gram_pinv_b = _gram_pinv(b, delta)
+  # 3.1-3.2: the equivalent gradient of the adjusted factor gradients.
+  ga, gb = _adjust(a, b, grad_a, grad_b, inv_s2, first_step, gram_pinv_a,
+                   gram_pinv_b)
+  equivalent = lora_pro_equivalent_gradient(a, b, ga, gb, scale)
+  # 3.3: Adam in the full weight space.
+  full_step, mu, nu = _adam_moments(equivalent, mu, nu, count, b1, b2, eps)
+  # 3.4: back to the factors.
+  h_a = scale * full_step @ b
+  h_b = scale * full_step.T @ a
+  # 3.5: adjust again; t = 0 avoids B.T B, zero at LoRA init.
+  first_a = h_a
+  first_b = inv_s2 * h_b @ gram_pinv_a
+  # Both rules are computed (t is traced). At t = 0, B = 0 makes P = B.T B
+  # zero: exact while A.T A is definite, and the minimum-norm solution if
+  # both are singular, so the unselected branch stays finite.
+  x = linalg.solve_sylvester_sym(b.T @ b, a.T @ a,
+                                 -inv_s2 * gram_pinv_b @ (h_a.T @ a))
+  later_a = inv_s2 * h_a @ gram_pinv_b + a @ x.T
+  later_b = inv_s2 * _project_out(b, gram_pinv_b, h_b) @ gram_pinv_a - b @ x
+  return (jnp.where(first_step, first_a, later_a),
+          jnp.where(first_step, first_b, later_b), mu, nu)
+
+
+def _efficient_step(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b, count, scale,
+                    b1, b2, eps, jitter):
+  """ALGORITHMS.md 3b.1-3b.3 on one canonical pair."""
+  ga, gb = lora_pro_efficient_adjusted_grads(a, b, grad_a, grad_b, scale,
+                                             jitter)
+  d_a, mu_a, nu_a = _adam_moments(ga, mu_a, nu_a, count, b1, b2, eps)  # 3b.3
+  d_b, mu_b, nu_b = _adam_moments(gb, mu_b, nu_b, count, b1, b2, eps)
+  return d_a, d_b, mu_a, mu_b, nu_a, nu_b
+
+
+def scale_by_lora_pro(
+    scale: float,
+    mode: str = "full",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    delta: float = 1e-8,
+    jitter: float = 1e-6,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """LoRA-Pro's direction (ALGORITHMS.md 3.1-3.5, or 3b.1-3b.3).
+
+  The tree given to ``init`` and ``update`` holds LoRA factors only, in any
+  layout :mod:`rite_optax.pairs` recognises (or describes with
+  ``pair_spec``); ``update`` needs ``params``. Math runs in at least float32
+  (float64 stays float64), the state is kept in that precision, and the
+  updates come back in each parameter's dtype. The result is the direction
+  ``gA, gB`` of step 3.6; :func:`lora_pro` scales it by ``-learning_rate``.
+
+  Args:
+    scale: the adapters' scale ``s`` (``alpha / r``), by which the model
+      multiplies ``A @ B.T``; the same for every pair of the tree.
+    mode: ``"full"`` (ALGORITHMS.md 3, Adam in the full weight space) or
+      ``"efficient"`` (3b, Adam on the adjusted factor gradients).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: added to Adam's bias-corrected root second moment.
+    delta: ridge of the Gram pseudo-inverses of ``mode="full"``.
+    jitter: ridge of the Gram inverses of ``mode="efficient"``.
+    pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
+      automatic rules do not know (see :mod:`rite_optax.pairs`). Pass
+      ``static_args="pair_spec"`` to ``optax.inject_hyperparams``.
+
+  Cost per adapter of shape ``(m, n)`` and rank ``r``:
+
+  * ``mode="full"``: state ``2 m n`` numbers (``Mf``, ``Vf``), the size of two
+    copies of the full weight. This mode gives up LoRA's memory saving (and
+    its ``O((m + n) r)`` optimizer state) for fidelity to full fine-tuning;
+    ``O(m n r + r^3)`` flops per step.
+  * ``mode="efficient"``: state ``2 (m + n) r`` numbers, Adam's;
+    ``O((m + n) r^2 + r^3)`` flops per step, nothing of size ``m x n``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"lora_pro: mode must be one of {MODES}, got {mode!r}")
+
+  def pair_dtype(pair, leaves):
+    return _compute_dtype(leaves[pair.a_index].dtype,
+                          leaves[pair.b_index].dtype)
+
+  def init_fn(params):
+    found = pairs_lib.find_pairs(params, pair_spec)
+    leaves = jax.tree_util.tree_leaves(params)
+    treedef = jax.tree_util.tree_structure(params)
+    if mode == "efficient":
+      moments = [None] * len(leaves)
+      for pair in found.pairs:
+        dtype = pair_dtype(pair, leaves)
+        moments[pair.a_index] = jnp.zeros(pair.a.shape, dtype)
+        moments[pair.b_index] = jnp.zeros(pair.b.shape, dtype)
+    else:
+      # Full-space moments at the input-side factor, a placeholder at the
+      # output side (see ScaleByLoraProState).
+      moments = [None] * len(leaves)
+      for pair in found.pairs:
+        dtype = pair_dtype(pair, leaves)
+        moments[pair.a_index] = jnp.zeros(
+            pair.a.per_adapter_shape(pair.a.rows, pair.b.rows), dtype)
+        moments[pair.b_index] = jnp.zeros(pair.b.per_adapter_shape(), dtype)
+    zeros = jax.tree_util.tree_unflatten(treedef, moments)
+    return ScaleByLoraProState(
+        count=jnp.zeros([], jnp.int32), mu=zeros,
+        nu=jax.tree.map(jnp.zeros_like, zeros))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_lora_pro needs params: the adjustment is "
+                       "built from the current factors")
+    found = pairs_lib.find_pairs(params, pair_spec)
+    found.check_like(updates, "gradient")
+    leaves = jax.tree_util.tree_leaves(params)
+    out_dtypes = [p.dtype for p in leaves]
+    dtypes = [pair_dtype(pair, leaves) for pair in found.pairs]
+    factors = [(a.astype(d), b.astype(d)) for (a, b), d in
+               zip(found.split(params, "params"), dtypes)]
+    grads = [(ga.astype(d), gb.astype(d)) for (ga, gb), d in
+             zip(found.split(updates, "gradient"), dtypes)]
+
+    if mode == "full":
+      mus = found.split_per_adapter(state.mu, "state.mu")
+      nus = found.split_per_adapter(state.nu, "state.nu")
+      step = jax.vmap(_full_space_step,
+                      in_axes=(0,) * 6 + (None,) * 6)
+      directions, new_mu, new_nu = [], [], []
+      for (a, b), (ga, gb), (mu, mu_pad), (nu, nu_pad), d in zip(
+          factors, grads, mus, nus, dtypes):
+        d_a, d_b, mu, nu = step(a, b, ga, gb, mu, nu, state.count,
+                                jnp.asarray(scale, d), jnp.asarray(b1, d),
+                                jnp.asarray(b2, d), jnp.asarray(eps, d),
+                                jnp.asarray(delta, d))
+        directions.append((d_a, d_b))
+        new_mu.append((mu, mu_pad))
+        new_nu.append((nu, nu_pad))
+      mu_tree = found.merge_per_adapter(state.mu, new_mu)
+      nu_tree = found.merge_per_adapter(state.nu, new_nu)
+    else:
+      mus = found.split(state.mu, "state.mu")
+      nus = found.split(state.nu, "state.nu")
+      step = jax.vmap(_efficient_step, in_axes=(0,) * 8 + (None,) * 6)
+      directions, new_mu, new_nu = [], [], []
+      for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b), d in zip(
+          factors, grads, mus, nus, dtypes):
+        d_a, d_b, mu_a, mu_b, nu_a, nu_b = step(
+            a, b, ga, gb, mu_a, mu_b, nu_a, nu_b, state.count,
+            jnp.asarray(scale, d), jnp.asarray(b1, d), jnp.asarray(b2, d),
+            jnp.asarray(eps, d), jnp.asarray(jitter, d))
+        directions.append((d_a, d_b))
+        new_mu.append((mu_a, mu_b))
+        new_nu.append((nu_a, nu_b))
+      mu_tree = found.merge(state.mu, new_mu)
+      nu_tree = found.merge(state.nu, new_nu)
+
+    new_state = ScaleByLoraProState(
+        count=optax.safe_increment(state.count), mu=mu_tree, nu=nu_tree)
+    return found.merge(updates, directions, out_dtypes), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lora_pro(
+    learning_rate: optax.ScalarOrSchedule,
+    scale: float,
+    mode: str = "full",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    delta: float = 1e-8,
+    jitter: float = 1e-6,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """LoRA-Pro (Wang et al., ICLR 2025): ALGORITHMS.md 3 and 3b, its defaults.
+
+  ``chain(scale_by_lora_pro(...), scale_by_learning_rate(learning_rate))``:
+  step 3.6 is plain SGD on the adjusted direction. ``scale`` is the adapters'
+  ``alpha / r`` and is required: the adjustment depends on it. Use it on a
+  tree of LoRA factors (``nnx.state(model, nnx.LoRAParam)``)::
+
+      tx = rite_optax.lora_pro(1e-4, scale=alpha / rank)
+
+  ``mode="full"`` keeps two ``m x n`` arrays per adapter (the full weight's
+  size, giving up LoRA's memory saving for fidelity to full fine-tuning);
+  ``mode="efficient"`` keeps Adam's ``2 (m + n) r``. See
+  :func:`scale_by_lora_pro` for the arguments, the cost and the state.
+  """
+  return optax.chain(
+      scale_by_lora_pro(scale, mode=mode, b1=b1, b2=b2, eps=eps, delta=delta,
+                        jitter=jitter, pair_spec=pair_spec),
+      optax.scale_by_learning_rate(learning_rate),
+  )

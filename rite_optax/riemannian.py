@@ -1,0 +1,297 @@
+"""Riemannian preconditioned LoRA: scaled GD and scaled AdamW.
+
+Zhang, Pilanci. "Riemannian Preconditioned LoRA for Fine-Tuning Foundation
+Models", ICML 2024.
+
+Each factor's gradient is preconditioned by the ``r x r`` Gram matrix of the
+*other* factor, ``Gs_A = G_A inv(B.T B + reg I)``, ``Gs_B = G_B inv(A.T A +
+reg I)``. With ``reg = 0`` scaled GD is transformation invariant: starting from
+``(A S, B S^-T)`` gives the same products ``A @ B.T`` at every step. Scaled
+AdamW runs Adam on the scaled gradients and is not invariant (Adam's
+elementwise normalisation is not). The exact algorithm is ALGORITHMS.md
+section 2; comments cite it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rite_optax import pairs as pairs_lib
+
+
+def _compute_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _scale_by_other_gram(grad: jax.Array, other: jax.Array,
+                         reg: jax.Array) -> jax.Array:
+  """``grad @ inv(other.T @ other + reg I)`` for ``grad (rows, r)``, ``other (rows', r)``.
+
+  The Gram matrix is symmetric positive definite (for ``reg > 0``, or a
+  full-rank ``other``), so the ``r x r`` system is solved by Cholesky rather
+  than by forming the inverse; its symmetry gives
+  ``grad inv(S) = (inv(S) grad.T).T``.
+  """
+  gram = other.T @ other + reg * jnp.eye(other.shape[-1], dtype=other.dtype)
+  cholesky = jax.scipy.linalg.cho_factor(gram, lower=True)
+  return jax.scipy.linalg.cho_solve(cholesky, grad.T).T
+
+
+def _scaled_grads(a, b, grad_a, grad_b, reg):
+  """ALGORITHMS.md 2 on one canonical pair ``a (m, r)``, ``b (n, r)``.
+
+  Both preconditioners come from the current, pre-update factors.
+  """
+  return (_scale_by_other_gram(grad_a, b, reg),
+          _scale_by_other_gram(grad_b, a, reg))
+
+
+def _canonical_inputs(found: pairs_lib.LoraPairs, updates, params):
+  """Per pair ``(A, B)`` and ``(G_A, G_B)`` in the compute dtype, and out dtypes."""
+  found.check_like(updates, "gradient")
+  factors = [(a.astype(_compute_dtype(a.dtype)), b.astype(_compute_dtype(b.dtype)))
+             for a, b in found.split(params, "params")]
+  grads = [(ga.astype(a.dtype), gb.astype(b.dtype)) for (ga, gb), (a, b) in
+           zip(found.split(updates, "gradient"), factors)]
+  out_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
+  return factors, grads, out_dtypes
+
+
+def _needs_params(name: str, params) -> None:
+  if params is None:
+    raise ValueError(f"{name} needs params: the preconditioner is built from "
+                     "the current factors")
+
+
+def scale_by_riemannian_preconditioner(
+    reg: float = 1e-6,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """Riemannian preconditioning of LoRA gradients (ALGORITHMS.md 2).
+
+  Maps each pair's gradient to ``Gs_A = G_A inv(B.T B + reg I)``,
+  ``Gs_B = G_B inv(A.T A + reg I)`` in the canonical layout, both from the
+  current factors. Stateless; ``update`` needs ``params``. The tree holds
+  LoRA factors only, in any layout :mod:`rite_optax.pairs` recognises (or
+  describes with ``pair_spec``). Math runs in at least float32; the updates
+  come back in each parameter's dtype.
+
+  Args:
+    reg: ridge added to each Gram matrix. ``reg = 0`` gives exact
+      transformation invariance but needs both factors to have full column
+      rank (a zero-initialised ``B`` does not).
+    pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
+      automatic rules do not know. Pass ``static_args="pair_spec"`` to
+      ``optax.inject_hyperparams``.
+
+  Cost per pair: ``O((m + n) r^2 + r^3)`` flops (two Gram matrices, two
+  ``r x r`` Cholesky factorisations and solves). No state.
+  """
+
+  def init_fn(params):
+    pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    _needs_params("scale_by_riemannian_preconditioner", params)
+    found = pairs_lib.find_pairs(params, pair_spec)
+    factors, grads, out_dtypes = _canonical_inputs(found, updates, params)
+    # ALGORITHMS.md 2, per pair and stacked layer.
+    scale = jax.vmap(_scaled_grads, in_axes=(0, 0, 0, 0, None))
+    scaled = [scale(a, b, ga, gb, jnp.asarray(reg, a.dtype))
+              for (a, b), (ga, gb) in zip(factors, grads)]
+    return found.merge(updates, scaled, out_dtypes), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scaled_gd(
+    learning_rate: optax.ScalarOrSchedule,
+    reg: float = 1e-6,
+    weight_decay: float = 0.0,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """Scaled GD (Zhang & Pilanci, ICML 2024), ALGORITHMS.md 2.
+
+  ``chain(scale_by_riemannian_preconditioner(reg),
+  add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``:
+  the update is ``-lr (Gs + weight_decay X)``. ``learning_rate`` may be a
+  schedule. With ``reg = 0`` and ``weight_decay = 0`` the products
+  ``A @ B.T`` do not depend on how the factors are scaled: ``(A S, B S^-T)``
+  follows the same trajectory for any invertible ``S``.
+
+  Cost per pair: ``O((m + n) r^2 + r^3)`` flops; no state.
+  """
+  return optax.chain(
+      scale_by_riemannian_preconditioner(reg=reg, pair_spec=pair_spec),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _adam_direction(scaled_grad, mu, nu, count_inc, b1, b2, eps,
+                    correct_bias: bool):
+  """ALGORITHMS.md 2, scaled AdamW: moments of one factor and its direction."""
+  mu = optax.tree.update_moment(scaled_grad, mu, b1, 1)
+  nu = optax.tree.update_moment_per_elem_norm(scaled_grad, nu, b2, 2)
+  if correct_bias:
+    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+  else:  # the reference's default: no bias correction
+    mu_hat, nu_hat = mu, nu
+  return mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu
+
+
+def _riemannian_adam_pair(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b,
+                          count_inc, b1, b2, eps, reg, learning_rate,
+                          weight_decay, correct_bias: bool, sequential: bool):
+  """ALGORITHMS.md 2, scaled AdamW, on one canonical pair (before ``-lr``)."""
+  d_a, mu_a, nu_a = _adam_direction(_scale_by_other_gram(grad_a, b, reg),
+                                    mu_a, nu_a, count_inc, b1, b2, eps,
+                                    correct_bias)
+  if sequential:
+    # The authors' order: B's preconditioner sees A after A's full step
+    # (weight decay included); G_B stays the gradient at the start.
+    a = a - learning_rate * (d_a + weight_decay * a)
+  d_b, mu_b, nu_b = _adam_direction(_scale_by_other_gram(grad_b, a, reg),
+                                    mu_b, nu_b, count_inc, b1, b2, eps,
+                                    correct_bias)
+  return (d_a, d_b), (mu_a, mu_b), (nu_a, nu_b)
+
+
+def scale_by_riemannian_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    reg: float = 1e-6,
+    correct_bias: bool = False,
+    sequential: bool = False,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    weight_decay: float = 0.0,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """Adam on Riemannian-preconditioned gradients (ALGORITHMS.md 2).
+
+  Per factor, elementwise: ``m = b1 m + (1 - b1) Gs``,
+  ``v = b2 v + (1 - b2) Gs^2``, direction ``m / (sqrt(v) + eps)``, with ``m``
+  and ``v`` divided by ``1 - b^(t+1)`` first if ``correct_bias``. The
+  returned updates are these directions; :func:`scaled_adamw` chains the
+  weight decay and the learning rate after them.
+
+  Not ``optax.scale_by_adam``: it always corrects the bias, and with
+  ``sequential`` the moments of ``B`` depend on ``A``'s new direction within
+  the same pair, so both factors' moments are updated here, per pair.
+
+  ``sequential=True`` follows the authors' code: ``B``'s preconditioner is
+  built from ``A - learning_rate (D_A + weight_decay A)``, the value ``A``
+  takes after this step. That needs the step's ``learning_rate`` (a schedule
+  is evaluated at this transformation's count, as
+  ``optax.scale_by_learning_rate`` does at its own) and ``weight_decay``; they
+  must be the ones chained after this transformation. Both are ignored when
+  ``sequential=False``.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to ``sqrt(v)``.
+    reg: ridge added to each Gram matrix (see
+      :func:`scale_by_riemannian_preconditioner`).
+    correct_bias: divide the moments by ``1 - b^(t+1)`` (off in the reference).
+    sequential: precondition ``B`` with ``A`` after its step.
+    learning_rate: the step size, scalar or schedule; required if
+      ``sequential``.
+    weight_decay: decoupled weight decay of the step, for ``sequential``.
+    pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
+      automatic rules do not know.
+
+  Cost per pair: ``O((m + n) r^2 + r^3)`` flops. State: ``optax``'s
+  ``ScaleByAdamState``, two factor-sized arrays per factor (``mu``, ``nu``),
+  in at least float32.
+  """
+  if sequential and learning_rate is None:
+    raise ValueError("scale_by_riemannian_adam(sequential=True) needs the "
+                     "learning_rate of the step to build B's preconditioner")
+
+  def init_fn(params):
+    pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
+    def zeros(p):
+      return jnp.zeros(p.shape, _compute_dtype(p.dtype))
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                  mu=jax.tree.map(zeros, params),
+                                  nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    _needs_params("scale_by_riemannian_adam", params)
+    found = pairs_lib.find_pairs(params, pair_spec)
+    factors, grads, out_dtypes = _canonical_inputs(found, updates, params)
+    mus = found.split(state.mu, "state.mu")
+    nus = found.split(state.nu, "state.nu")
+    count_inc = optax.safe_increment(state.count)
+    if not sequential:
+      step_size = 0.0  # unused
+    elif callable(learning_rate):
+      step_size = learning_rate(state.count)
+    else:
+      step_size = learning_rate
+
+    pair_update = jax.vmap(_riemannian_adam_pair,
+                           in_axes=(0,) * 8 + (None,) * 9)
+    directions, new_mu, new_nu = [], [], []
+    for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b) in zip(
+        factors, grads, mus, nus):
+      hyper = [jnp.asarray(x, a.dtype)
+               for x in (b1, b2, eps, reg, step_size, weight_decay)]
+      d, mu, nu = pair_update(a, b, ga, gb, mu_a, mu_b, nu_a, nu_b, count_inc,
+                              *hyper, correct_bias, sequential)
+      directions.append(d)
+      new_mu.append(mu)
+      new_nu.append(nu)
+
+    new_state = optax.ScaleByAdamState(
+        count=count_inc,
+        mu=found.merge(state.mu, new_mu),
+        nu=found.merge(state.nu, new_nu))
+    return found.merge(updates, directions, out_dtypes), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scaled_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    reg: float = 1e-6,
+    weight_decay: float = 0.0,
+    correct_bias: bool = False,
+    sequential: bool = False,
+    pair_spec: Optional[pairs_lib.SpecFn] = None,
+) -> optax.GradientTransformation:
+  """Scaled AdamW (Zhang & Pilanci, ICML 2024), ALGORITHMS.md 2, defaults included.
+
+  ``chain(scale_by_riemannian_adam(...), add_decayed_weights(weight_decay),
+  scale_by_learning_rate(learning_rate))``: the update is
+  ``-lr (m / (sqrt(v) + eps) + weight_decay X)`` (decoupled weight decay).
+  No bias correction by default, as in the reference; ``correct_bias=True``
+  turns it on. ``sequential=True`` builds ``B``'s preconditioner from ``A``
+  after ``A``'s step, as the authors' code does. ``learning_rate`` may be a
+  schedule.
+
+  Unlike :func:`scaled_gd`, not transformation invariant: the elementwise
+  normalisation by ``sqrt(v)`` depends on the factors' scaling.
+
+  See :func:`scale_by_riemannian_adam` for the arguments, the cost and the
+  state.
+  """
+  return optax.chain(
+      scale_by_riemannian_adam(
+          b1=b1, b2=b2, eps=eps, reg=reg, correct_bias=correct_bias,
+          sequential=sequential, learning_rate=learning_rate,
+          weight_decay=weight_decay, pair_spec=pair_spec),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
