@@ -30,19 +30,11 @@ CASES = {
 @pytest.mark.parametrize("steps", [1, 10])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_numpy_reference(case, steps, b_zero):
-  hp = dict(CASES[case])
   with jax.enable_x64(True):
-    pairs = lp.random_pairs(1, SHAPES, b_zero=b_zero)
-    tgts = lp.targets(1, SHAPES)
-    expected = ref.lora_plus_reference(pairs, lp.numpy_grad_fn(tgts, WEIGHTS),
-                                       steps, **hp)
-    tx = lora_plus(hp.pop("lr"), **hp)
-    got, _ = lp.run(tx, lp.to_tree(pairs),
-                    lp.tree_loss([jnp.asarray(t) for t in tgts], WEIGHTS), steps)
-    for t in range(steps):
-      for (a, b), (ra, rb) in zip(lp.from_tree(got[t]), expected[t]):
-        np.testing.assert_allclose(a, ra, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(b, rb, rtol=1e-9, atol=1e-12)
+    pairs, got, expected = lp.run_with_reference(
+        lora_plus, ref.lora_plus_reference, CASES[case], steps, SHAPES, WEIGHTS,
+        b_zero=b_zero)
+    lp.assert_trajectories_match(got, expected)
     # The step did something (a zero update would agree with a zero update).
     (_, b_end), _ = lp.from_tree(got[-1])
     assert np.abs(b_end - pairs[0][1]).max() > 1e-3
@@ -61,19 +53,10 @@ def test_output_side_moves_lr_ratio_times_faster_on_first_step():
 
 def test_not_transformation_invariant():
   """(A, B) and (A S, B S^-T), cond(S) = 1e4, drift apart (as Adam's do)."""
-  shapes = [(12, 9, 3)]
   with jax.enable_x64(True):
-    pairs = lp.random_pairs(0, shapes)
-    s = lp.ill_conditioned(0, 3, cond=1e4)
-    transformed = [(a @ s, b @ np.linalg.inv(s).T) for a, b in pairs]
-    loss = lp.tree_loss([jnp.asarray(t) for t in lp.targets(0, shapes)], [1.0])
-    tx = lora_plus(0.05)
-    run_1, _ = lp.run(tx, lp.to_tree(pairs), loss, 50)
-    run_2, _ = lp.run(tx, lp.to_tree(transformed), loss, 50)
-    err = lp.relative_error(lp.products(run_2[-1])[0], lp.products(run_1[-1])[0])
-    assert err > 1e-2
-    start = lp.products(lp.to_tree(pairs))[0]
-    assert lp.relative_error(lp.products(run_1[-1])[0], start) > 0.1
+    errors, moved = lp.factorization_drift(lora_plus(0.05))
+    assert errors[-1] > 1e-2
+    assert moved > 0.1
 
 
 # ------------------------------------------------ sides come from the pairing
@@ -125,14 +108,6 @@ def test_non_lora_leaf_raises_with_its_path():
 
 
 # -------------------------------------------- optax and JAX integration
-def _grads_like(tree, seed, scale=0.1):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      scale * jax.random.normal(k, x.shape, jnp.float32)
-      for k, x in zip(keys, leaves)])
-
-
 class IntegrationTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -145,14 +120,9 @@ class IntegrationTest(chex.TestCase):
       expected = ref.lora_plus_reference(pairs, lambda _: grads, 2, lr=0.1,
                                          weight_decay=0.1)
       tx = lora_plus(0.1, weight_decay=0.1)
-      update = self.variant(tx.update)
-      params, state = lp.to_tree(pairs), tx.init(lp.to_tree(pairs))
-      for step in range(2):
-        updates, state = update(lp.to_tree(grads), state, params)
-        params = optax.apply_updates(params, updates)
-        for (a, b), (ra, rb) in zip(lp.from_tree(params), expected[step]):
-          np.testing.assert_allclose(a, ra, rtol=1e-9, atol=1e-12)
-          np.testing.assert_allclose(b, rb, rtol=1e-9, atol=1e-12)
+      got, state = lp.run_with_grads(self.variant(tx.update), tx, pairs, grads,
+                                     2)
+      lp.assert_trajectories_match(got, expected)
       chex.assert_tree_all_finite(state)
 
   def test_schedule_and_inject_hyperparams(self):
@@ -160,28 +130,20 @@ class IntegrationTest(chex.TestCase):
     injected too."""
     with jax.enable_x64(True):
       tree = lp.to_tree(lp.random_pairs(9, SHAPES))
-      schedule = optax.linear_schedule(0.1, 0.01, 3)
       loss = lp.tree_loss([jnp.asarray(t) for t in lp.targets(9, SHAPES)],
                           WEIGHTS)
-      scheduled, _ = lp.run(lora_plus(schedule, weight_decay=0.1), tree, loss,
-                            3)
-      injected = optax.inject_hyperparams(lora_plus)(learning_rate=0.1,
-                                                     weight_decay=0.1)
-      update = jax.jit(injected.update)
-      state, params = injected.init(tree), tree
-      for t in range(3):
-        # The schedule's own value at an int32 count (float32 in optax).
-        state.hyperparams["learning_rate"] = schedule(jnp.asarray(t, jnp.int32))
-        updates, state = update(jax.grad(loss)(params), state, params)
-        params = optax.apply_updates(params, updates)
-        chex.assert_trees_all_close(params, scheduled[t], rtol=1e-10,
-                                    atol=1e-12)
-      constant, _ = lp.run(lora_plus(0.1, weight_decay=0.1), tree, loss, 3)
+      scheduled, injected, constant = lp.schedule_runs(lora_plus, tree, loss,
+                                                       weight_decay=0.1)
+      for got, expected in zip(injected, scheduled, strict=True):
+        chex.assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-12)
       self.assertGreater(lp.relative_error(lp.products(constant[-1])[0],
                                            lp.products(scheduled[-1])[0]), 1e-3)
 
       # Injected lr_ratio: one first step, against a fresh lora_plus.
-      grads = _grads_like(tree, 1)
+      injected = optax.inject_hyperparams(lora_plus)(learning_rate=0.1,
+                                                     weight_decay=0.1)
+      update = jax.jit(injected.update)
+      grads = lp.grads_like(tree, 1, dtype=jnp.float32)
       state = injected.init(tree)
       state.hyperparams["lr_ratio"] = jnp.asarray(2.0)
       got, _ = update(grads, state, tree)
@@ -194,26 +156,8 @@ class IntegrationTest(chex.TestCase):
 
   def test_bfloat16_params(self):
     tree32 = lp.to_tree(lp.random_pairs(10, SHAPES), jnp.float32)
-    tree16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree32)
-    rounded = jax.tree.map(lambda x: x.astype(jnp.float32), tree16)
-    grads = _grads_like(tree32, 0)
-    tx = lora_plus(0.01, weight_decay=0.1)
-    state16 = tx.init(tree16)
-    for leaf in jax.tree.leaves(state16):
-      if jnp.issubdtype(leaf.dtype, jnp.floating):
-        self.assertEqual(leaf.dtype, jnp.float32)
-    update = jax.jit(tx.update)
-    up16, state16 = update(jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads),
-                           state16, tree16)
-    for leaf in jax.tree.leaves(up16):
-      self.assertEqual(leaf.dtype, jnp.bfloat16)
-    for leaf in jax.tree.leaves(state16):
-      if jnp.issubdtype(leaf.dtype, jnp.floating):
-        self.assertEqual(leaf.dtype, jnp.float32)
-    up32, _ = update(grads, tx.init(rounded), rounded)
-    chex.assert_trees_all_close(
-        jax.tree.map(lambda x: x.astype(jnp.float32), up16), up32,
-        rtol=3e-2, atol=1e-4)
+    up32 = lp.check_bfloat16_step(lora_plus(0.01, weight_decay=0.1), tree32,
+                                  lp.grads_like(tree32, 0), atol=1e-4)
     self.assertGreater(float(jnp.abs(up32["pair_0"]["lora_b"]).max()), 0.1)
 
 
@@ -222,17 +166,6 @@ def test_nnx_optimizer_train_step_reduces_loss():
   from flax import nnx
 
   model = nnx.LoRALinear(6, 5, lora_rank=3, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (64, 6))
-  y = jnp.sin(x[:, :5] * 2.0)
-  optimizer = nnx.Optimizer(model, lora_plus(0.003), wrt=nnx.LoRAParam)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    loss, grads = nnx.value_and_grad(
-        lambda model: jnp.mean((model(x) - y) ** 2),
-        argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(train_step(model, optimizer)) for _ in range(40)]
+  losses, base_unchanged = lp.nnx_train(model, lora_plus(0.003), 40)
   assert losses[-1] < 0.8 * losses[0]
+  assert base_unchanged

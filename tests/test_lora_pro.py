@@ -45,10 +45,7 @@ def test_matches_numpy_reference(mode, b_zero):
     tx = rite_optax.lora_pro(0.01, SCALE, mode=mode)
     got, state = lp.run(tx, lp.to_tree(pairs), loss, STEPS)
     assert len(got) == len(expected) == STEPS
-    for t in range(STEPS):
-      for (a, b), (ra, rb) in zip(lp.from_tree(got[t]), expected[t]):
-        np.testing.assert_allclose(a, ra, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(b, rb, rtol=1e-9, atol=1e-12)
+    lp.assert_trajectories_match(got, expected)
     # The state keeps its structure, shapes and dtypes (scan and checkpoint
     # friendly), and the count advanced so the t > 0 rules were taken.
     chex.assert_tree_all_finite(state)
@@ -267,14 +264,6 @@ def test_state_layout():
 
 
 # -------------------------------------------- optax and JAX integration
-def _grads_like(tree, seed, scale=0.1):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      scale * jax.random.normal(k, x.shape, x.dtype)
-      for k, x in zip(keys, leaves)])
-
-
 class IntegrationTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -285,7 +274,7 @@ class IntegrationTest(chex.TestCase):
       update = self.variant(tx.update)
       state, ref_state = tx.init(tree), tx.init(tree)
       for step in range(2):  # t = 0 and t > 0 branches
-        grads = _grads_like(tree, step)
+        grads = lp.grads_like(tree, step)
         got, state = update(grads, state, tree)
         expected, ref_state = jax.jit(tx.update)(grads, ref_state, tree)
         chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
@@ -297,7 +286,7 @@ class IntegrationTest(chex.TestCase):
       tree32 = lp.to_tree(lp.random_pairs(13, SHAPES), jnp.float32)
       tree16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree32)
       grads16 = jax.tree.map(lambda g: g.astype(jnp.bfloat16),
-                             _grads_like(tree32, 0))
+                             lp.grads_like(tree32, 0))
       tx = rite_optax.lora_pro(0.01, SCALE, mode=mode)
       state16 = tx.init(tree16)
       for leaf in jax.tree.leaves(state16[0]):
@@ -323,38 +312,21 @@ class IntegrationTest(chex.TestCase):
       self.assertGreater(float(jnp.abs(up16["pair_0"]["lora_a"]).max()), 0)
 
   def test_stacked_layers_equal_a_loop_over_layers(self):
-    rng = np.random.default_rng(14)
-    layers, m, n, r = 3, 10, 7, 3
-    a = rng.standard_normal((layers, m, r)).astype(np.float32)
-    b = rng.standard_normal((layers, r, n)).astype(np.float32)
-    ga = rng.standard_normal((2, layers, m, r)).astype(np.float32) * 0.1
-    gb = rng.standard_normal((2, layers, r, n)).astype(np.float32) * 0.1
+    layers, m, n = 3, 10, 7
+    stacked, looped, grads = lp.stacked_layers(14, layers, m, n, r=3)
     for mode in MODES:
       tx = rite_optax.lora_pro(0.01, SCALE, mode=mode)
-      stacked = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
-      looped = {f"layer_{i}": {"lora_a": jnp.asarray(a[i]),
-                               "lora_b": jnp.asarray(b[i])}
-                for i in range(layers)}
       s_state, l_state = tx.init(stacked), tx.init(looped)
       if mode == "full":
         self.assertEqual(s_state[0].mu["lora_a"].shape, (layers, m, n))
         self.assertEqual(s_state[0].mu["lora_b"].shape, (layers,))
-      for step in range(2):
-        s_up, s_state = jax.jit(tx.update)(
-            {"lora_a": ga[step], "lora_b": gb[step]}, s_state, stacked)
-        l_up, l_state = jax.jit(tx.update)(
-            {f"layer_{i}": {"lora_a": ga[step, i], "lora_b": gb[step, i]}
-             for i in range(layers)}, l_state, looped)
-        for i in range(layers):
-          for name in ("lora_a", "lora_b"):
-            np.testing.assert_allclose(s_up[name][i],
-                                       l_up[f"layer_{i}"][name],
-                                       rtol=2e-4, atol=1e-6)
+      for s_grads, l_grads in grads:
+        s_up, s_state = jax.jit(tx.update)(s_grads, s_state, stacked)
+        l_up, l_state = jax.jit(tx.update)(l_grads, l_state, looped)
+        lp.assert_stacked_equals_looped(s_up, l_up, rtol=2e-4, atol=1e-6)
         if mode == "full":
-          for i in range(layers):
-            np.testing.assert_allclose(s_state[0].mu["lora_a"][i],
-                                       l_state[0].mu[f"layer_{i}"]["lora_a"],
-                                       rtol=2e-4, atol=1e-7)
+          lp.assert_stacked_equals_looped(s_state[0].mu, l_state[0].mu,
+                                          rtol=2e-4, atol=1e-7)
       self.assertGreater(float(jnp.abs(s_up["lora_a"]).max()), 1e-4)
 
   def test_peft_layout_is_the_transposed_nnx_layout(self):
@@ -381,7 +353,7 @@ class IntegrationTest(chex.TestCase):
 
   def test_schedule_and_inject_hyperparams(self):
     tree = lp.to_tree(lp.random_pairs(16, SHAPES), jnp.float32)
-    grads = _grads_like(tree, 0)
+    grads = lp.grads_like(tree, 0)
     for mode in MODES:
       injected = optax.inject_hyperparams(rite_optax.lora_pro)(
           learning_rate=0.01, scale=SCALE, mode=mode)
@@ -415,36 +387,10 @@ class IntegrationTest(chex.TestCase):
 def test_nnx_optimizer_train_step_reduces_loss(mode):
   """LoRA-Pro as the tx of nnx.Optimizer over nnx.LoRAParam, in nnx.jit, from
   Flax's LoRA init (lora_b = 0, so the t = 0 rules matter)."""
-  from flax import nnx
-
-  class Model(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.LoRALinear(6, 16, lora_rank=4, rngs=rngs)
-      self.l2 = nnx.LoRALinear(16, 5, lora_rank=4, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(jax.nn.gelu(self.l1(x)))
-
-  model = Model(nnx.Rngs(0))
+  model = lp.nnx_mlp()
   assert float(jnp.abs(model.l1.lora.lora_b[...]).max()) == 0.0
-  x = jax.random.normal(jax.random.PRNGKey(1), (64, 6))
-  y = jnp.sin(x[:, :5] * 2.0)
   # nnx.LoRA applies no alpha / r: its scale is 1.
-  optimizer = nnx.Optimizer(model, rite_optax.lora_pro(0.01, 1.0, mode=mode),
-                            wrt=nnx.LoRAParam)
-  frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-  base_before = nnx.clone(nnx.state(model, frozen))
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-      return jnp.mean((model(x) - y) ** 2)
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(
-        0, nnx.LoRAParam))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(train_step(model, optimizer, x, y)) for _ in range(60)]
+  losses, base_unchanged = lp.nnx_train(
+      model, rite_optax.lora_pro(0.01, 1.0, mode=mode), 60)
   assert losses[-1] < 0.7 * losses[0]
-  chex.assert_trees_all_equal(nnx.as_pure(base_before),
-                              nnx.as_pure(nnx.state(model, frozen)))
+  assert base_unchanged

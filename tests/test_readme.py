@@ -66,3 +66,14 @@ def test_ci_calls_the_readme_test_command():
   readme = (ROOT / "README.md").read_text()
   assert "make test" in readme
   assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_models_example_builds_a_paired_lora_model():
+  import rite_optax
+
+  block = next(b for b in _python_blocks() if "inject_lora" in b)
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)
+  pairs = rite_optax.find_pairs(namespace["trainable"]).pairs
+  # tiny() has 2 layers with q, k, v, o, gate, up, down each.
+  assert len(pairs) == 2 * 7
