@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/python experiments/lowrank_demo.py
+	$(VENV)/bin/python experiments/finetune.py
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 -q

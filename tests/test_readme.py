@@ -51,7 +51,7 @@ def test_readme_multi_transform_example_runs():
   assert float(jnp.abs(updates["l"]["bias"]).max()) > 0
 
 
-def test_main_job_shortened():
+def test_lowrank_demo_shortened():
   sys.path.insert(0, str(ROOT / "experiments"))
   import lowrank_demo
 

@@ -1,0 +1,123 @@
+"""Tokenizers: SentencePiece (the models' own) and a byte-level fallback.
+
+Every tokenizer here shares Gemma's special ids: pad 0, EOS 1, BOS 2, which is
+what the batch format of :mod:`rite_optax.data.pipeline` assumes (padding is
+id 0 and is never attended to). ``encode`` adds no special tokens: the pipeline
+places BOS and EOS itself, so that prompt and target can be tokenized apart and
+joined.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the data pipeline needs of a tokenizer.
+
+  Attributes:
+    vocab_size: number of ids; every id ``encode`` returns is below it.
+    pad_id: padding id, 0.
+    eos_id: end-of-sequence id, 1.
+    bos_id: beginning-of-sequence id, 2; None for a vocabulary without one
+      (mT5's, whose id 2 is UNK), which only the seq2seq format accepts.
+  """
+
+  vocab_size: int
+  pad_id: int
+  eos_id: int
+  bos_id: Optional[int]
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text``, without BOS or EOS."""
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of ``ids``; special ids decode to nothing."""
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: byte ``b`` is id ``b + 3``, ids 0/1/2 special.
+
+  The fallback for tiny runs and tests: no model file, lossless on any text.
+  ``vocab_size`` is 259 rounded up to a multiple of 8 (264) so that the
+  embedding and output head shard evenly; ids 259..263 are never produced.
+  """
+
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+  bos_id = BOS_ID
+  byte_offset = 3
+
+  def __init__(self) -> None:
+    self.vocab_size = -(-(256 + self.byte_offset) // 8) * 8
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.byte_offset for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    data = bytes(int(i) - self.byte_offset for i in ids
+                 if self.byte_offset <= int(i) < 256 + self.byte_offset)
+    # A cut-off generation can end inside a multi-byte character.
+    return data.decode("utf-8", errors="replace")
+
+  def __repr__(self) -> str:
+    return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file, e.g. Gemma's ``tokenizer.model``.
+
+  The special ids are read from the model and checked against the pipeline's
+  convention (pad 0, EOS 1); a model without BOS (mT5) gets ``bos_id=None``.
+
+  Args:
+    model_path: path of the ``.model`` file.
+  """
+
+  def __init__(self, model_path: Union[str, os.PathLike]) -> None:
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+
+    self.model_path = os.fspath(model_path)
+    self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.pad_id = int(self._sp.pad_id())
+    self.eos_id = int(self._sp.eos_id())
+    bos = int(self._sp.bos_id())
+    self.bos_id = bos if bos >= 0 else None
+    if (self.pad_id, self.eos_id) != (PAD_ID, EOS_ID):
+      raise ValueError(
+          f"{self.model_path}: pad/eos ids are {self.pad_id}/{self.eos_id}, "
+          f"the batch format needs {PAD_ID}/{EOS_ID}")
+    if self.bos_id not in (None, BOS_ID):
+      raise ValueError(f"{self.model_path}: bos id is {self.bos_id}, the "
+                       f"batch format needs {BOS_ID}")
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text, out_type=int))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def __repr__(self) -> str:
+    return (f"SentencePieceTokenizer({self.model_path!r}, "
+            f"vocab_size={self.vocab_size})")
+
+
+def load_tokenizer(
+    path: Union[str, os.PathLike, None] = None) -> Tokenizer:
+  """The tokenizer at ``path``: a ``.model`` file or a folder holding
+  ``tokenizer.model``; None or ``"byte"`` gives :class:`ByteTokenizer`."""
+  if path is None or os.fspath(path) == "byte":
+    return ByteTokenizer()
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.model")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no SentencePiece model at {path}")
+  return SentencePieceTokenizer(path)
