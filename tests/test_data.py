@@ -387,3 +387,9 @@ def test_sentencepiece_tokenizer_trained_here(tmp_path):
   assert tok.decode(ex["targets"][ex["loss_mask"] == 1].tolist()) == " Jupiter"
   same = tokenizers.load_tokenizer(tmp_path / "tokenizer.model")
   assert same.encode("cows") == tok.encode("cows")
+
+
+def test_missing_local_data_names_the_file_and_the_remedy(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"arc-challenge_test\.json: "
+                     r"LLM-Adapters file not found; pass data_dir"):
+    tasks.load_local_task("arc_challenge", "test", tmp_path)

@@ -388,6 +388,10 @@ def load_local_task(name: str, split: str,
     raise ValueError(f"no local file for {task!r} split {split!r}; known: "
                      f"{sorted(LOCAL_FILES)}")
   path = Path(data_dir or default_local_dir()) / LOCAL_FILES[task, split]
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path}: LLM-Adapters file not found; pass data_dir (--data-dir) or "
+        f"set ${_ENV_DATA_DIR} to the folder of the JSON files")
   with open(path, encoding="utf-8") as f:
     records = json.load(f)
   examples = []
