@@ -9,14 +9,29 @@ products at every step. Each factor's gradient is taken in the orthonormal
 basis of the other factor (the "unmagnified" gradient), preconditioned there
 by an ``r x r`` second moment, and carried back. The exact algorithm is
 ALGORITHMS.md section 1; comments cite its steps.
+
+How it is computed, and why:
+
+* Every operation on a factor-sized array is a product with an ``r x r``
+  matrix, or a product that reduces to one (a Gram matrix ``X.T Y``); the
+  thin QR of 1.2 comes from Gram matrices (:func:`rite_optax.linalg.gram_qr`).
+  Factors sharded along their rows are therefore never gathered: the only
+  collectives are ``r x r`` all-reduces.
+* Those products run per leaf, in the factor's own memory layout (Flax's
+  ``lora_b (r, out)`` is not transposed). The ``r x r`` work of all alike
+  pairs of the tree (same rank and dtype) runs as one batch: one ``eigh``
+  call per kind for the whole tree, not one per layer and projection.
+* The state is Adam's size (:class:`ScaleByLoraRiteState`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rite_optax import linalg
@@ -24,28 +39,41 @@ from rite_optax import pairs as pairs_lib
 
 
 class ScaleByLoraRiteState(NamedTuple):
-  """State of :func:`scale_by_lora_rite`; every field has the params' tree.
+  """State of :func:`scale_by_lora_rite`: the size of Adam's.
+
+  Every field has the params' tree. For a pair ``(A, B)``, ALGORITHMS.md 1
+  keeps A's moments ``M_A (m, r)`` and ``V_A (r, r)`` in the orthonormal
+  basis ``U_B`` of the other factor. With ``V_A = Q diag(w) Q.T`` they are
+  stored as
+
+  * ``mu`` at A's leaf: ``M_A Q diag(w)^-1/2`` (whitened first moment;
+    zero in directions where ``w = 0``, where ``M_A`` is zero too), and
+  * ``basis`` at B's leaf: ``U_B Q diag(w)^1/2``, B's basis rotated to the
+    eigenvectors of ``V_A`` and scaled by the roots of its eigenvalues,
+
+  (and the same with A and B swapped). Then ``basis[B] basis[B].T`` is ``V_A``
+  written in B's row space, and in a new basis ``U_B'``, with
+  ``C = U_B'.T basis[B]``, the transported moments of 1.6 are
+  ``V_A' = C C.T`` and ``M_A' = mu[A] C.T``. Rotating ``U_B`` is free (any
+  orthonormal basis serves, 1.6 transports between them), so ``V_A``'s
+  ``r^2`` numbers need no array of their own: the state is two factor-sized
+  arrays per factor and a count, as Adam's.
 
   Attributes:
     count: number of steps taken, ``int32``.
-    mu: first moments, each factor's own shape (ALGORITHMS.md ``M_A``).
-    nu: second moments, ``(*batch, r, r)`` at each factor (``V_A``).
-    basis: previous orthonormal bases, each factor's own shape (``U_A_old``).
-    escape_mass: ``(*batch,)`` at each factor (``rho_A``).
+    mu: whitened first moments, each factor's own shape.
+    basis: previous bases scaled by the partner's second moment, each
+      factor's own shape (zeros at init, as ``U_old``).
+    nu: with ``escape=True`` only (else ``None``): the eigenvalues ``w`` of
+      each factor's second moment, ``(*batch, r)``, for 1.7.
+    escape_mass: with ``escape=True`` only: ``(*batch,)`` (``rho_A``).
   """
 
   count: jax.Array
   mu: optax.Updates
-  nu: optax.Updates
   basis: optax.Updates
-  escape_mass: optax.Updates
-
-
-class _FactorState(NamedTuple):
-  mu: jax.Array      # (rows, r)
-  nu: jax.Array      # (r, r)
-  basis: jax.Array   # (rows, r), this factor's previous basis
-  escape_mass: jax.Array  # ()
+  nu: Optional[optax.Updates] = None
+  escape_mass: Optional[optax.Updates] = None
 
 
 def bias_corrected_decay(beta: jax.Array, t: jax.Array) -> jax.Array:
@@ -53,83 +81,154 @@ def bias_corrected_decay(beta: jax.Array, t: jax.Array) -> jax.Array:
   return beta * (1 - beta**t) / (1 - beta**(t + 1))
 
 
-def _nonfinite_to_nan(x: jax.Array) -> jax.Array:
-  return jnp.where(jnp.isfinite(x), x, jnp.nan)
+# ----------------------------------------------- products with the factors
+# A factor-sized array is (nb, rows, r), or (nb, r, rows) when rank_first
+# (pairs.LoraPairs.split(..., native=True)): its layout in memory either way.
 
 
-def _rms(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.mean(jnp.square(x)))
+def _gram(x: jax.Array, y: jax.Array, rank_first: bool) -> jax.Array:
+  """``x.T y`` of two factor-sized arrays, ``(nb, r, r)``: sharded along
+  rows, a local product and an ``r x r`` all-reduce."""
+  # einsum, not swapaxes + matmul: XLA folds the layouts into the dot instead
+  # of first copying a transposed factor.
+  return jnp.einsum("bik,bjk->bij" if rank_first else "bki,bkj->bij", x, y)
 
 
-def _unmagnified_grads(a, b, grad_a, grad_b, update_skipping):
-  """ALGORITHMS.md 1.1-1.4 on one canonical pair ``a (m, r)``, ``b (n, r)``.
+def _times(x: jax.Array, m: jax.Array, rank_first: bool) -> jax.Array:
+  """``x @ m`` for a factor-sized ``x`` and ``m (nb, r, s)``, row-local."""
+  m = m.astype(x.dtype)
+  return jnp.einsum("bik,bij->bjk" if rank_first else "bki,bij->bkj", x, m)
 
-  Returns the unmagnified gradients, both orthonormal bases and both ``R^+``.
+
+def _nan_to_zero(x: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+# ------------------------------------------------ r x r math of one factor
+
+
+def _second_pass(gram_u1, cross, m1, r1):
+  """1.2's second pass and 1.6's basis change, for one factor.
+
+  ``gram_u1 = U1.T U1``, ``cross = U1.T basis_old`` for the first pass's
+  ``U1 = X m1``. Returns ``m2`` (``U = U1 m2``), ``R^+ = m1 m2`` and the basis
+  change ``C = U.T basis_old = m2.T cross``, which transports the *other*
+  factor's moments.
   """
-  grad_a = _nonfinite_to_nan(grad_a)  # 1.1
-  grad_b = _nonfinite_to_nan(grad_b)
-  basis_a, r_a = linalg.thin_qr(a)  # 1.2
-  basis_b, r_b = linalg.thin_qr(b)
-  r_a_pinv, r_b_pinv = linalg.pinv(r_a), linalg.pinv(r_b)
-  gbar_a = grad_a @ r_b_pinv  # 1.3
-  gbar_b = grad_b @ r_a_pinv
-
-  def skip(gbar):
-    # 1.4, and our safe behaviour for non-finite gradients: a factor whose
-    # unmagnified gradient is not finite is skipped whatever the threshold,
-    # so that no NaN reaches the state or the global norm of step 1.5.
-    rms = _rms(gbar)
-    too_big = (update_skipping > 0) & (rms > update_skipping)
-    return jnp.where(too_big | ~jnp.isfinite(rms), jnp.zeros_like(gbar), gbar)
-
-  return skip(gbar_a), skip(gbar_b), basis_a, basis_b, r_a_pinv, r_b_pinv
+  m2 = linalg.gram_second_pass(gram_u1, r1)
+  return m2, m1 @ m2, m2.T @ cross
 
 
-def _precondition_factor(gbar, basis_other, r_other_pinv, state: _FactorState,
-                         other_old_basis, count, b1, b2, eps, update_capping,
-                         escape: bool):
-  """ALGORITHMS.md 1.6-1.12 for one factor, on canonical shapes.
+def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
+                  partner_m2, eig_old, rho, t, *, b1, b2, eps, escape: bool):
+  """ALGORITHMS.md 1.6-1.10 and 1.12 for one factor, in ``r x r`` matrices.
 
-  ``gbar (rows, r)`` lives in the orthonormal basis of the *other* factor;
-  ``state.mu`` and ``state.nu`` too, so they are transported with the other
-  factor's basis change.
+  ``transport`` is ``C = U'.T basis_old`` of the *other* factor (in whose
+  basis this factor's moments live), ``second_raw = Gbar.T Gbar`` of this
+  factor's unmagnified gradient before clipping and ``scale`` the clip (0 if
+  the factor is skipped). Returns the ``r x r`` matrices that the factor-sized
+  products need (``mu' = mu K1 + nan_to_zero(Gbar K2)``, ``D = mu' K3``, the
+  other factor's new ``basis = U1 K4``), the eigenvalues of ``V`` and ``rho``.
   """
-  dtype = gbar.dtype
-  t = count.astype(dtype)
+  dtype = second_raw.dtype
   beta1 = bias_corrected_decay(jnp.asarray(b1, dtype), t)
   beta2 = bias_corrected_decay(jnp.asarray(b2, dtype), t)
 
-  # 1.6: basis transport.
-  transport = basis_other.T @ other_old_basis
-  nu_moved = linalg.sym(transport @ state.nu @ transport.T)
+  # 1.6: V' = P V P.T = C C.T (ScaleByLoraRiteState), non-finite -> 0.
+  nu_moved = transport @ transport.T
   nu_moved = jnp.where(jnp.isfinite(nu_moved), nu_moved, 0.0)
-  mu_moved = state.mu @ transport.T
 
   # 1.7: escape mass.
   if escape:
-    rho = beta2 * (state.escape_mass + linalg.escape_mass(state.nu, nu_moved))
+    lost = linalg.escape_mass_from_spectra(
+        eig_old, jnp.linalg.eigvalsh(nu_moved), jnp.sum(eig_old),
+        jnp.trace(nu_moved))
+    rho = beta2 * (rho + lost)
   else:
-    rho = jnp.zeros_like(state.escape_mass)
+    rho = jnp.zeros_like(rho)
 
-  # 1.8: second moment of the unmagnified gradient.
-  second = gbar.T @ gbar / gbar.shape[0]
+  # 1.8: V = sym(bc V' + (1 - bc) S), S = Gbar.T Gbar / rows after 1.4-1.5.
+  second = jnp.where(scale > 0, scale**2 * second_raw / rows, 0.0)
   nu = linalg.sym(beta2 * nu_moved + (1 - beta2) * second)
 
-  # 1.9: precondition with the inverse square root.
-  precond = gbar @ linalg.inverse_sqrt_psd(nu, rho, jnp.asarray(eps, dtype))
-  precond = jnp.nan_to_num(precond, nan=0.0, posinf=0.0, neginf=0.0)
+  # 1.9: V = Q diag(w) Q.T, Vis Q = Q diag(1 / (sqrt(w + rho) + eps)).
+  w, q = jnp.linalg.eigh(nu)
+  w_clip = jnp.maximum(w, 0.0)
+  vis = 1.0 / (jnp.sqrt(jnp.maximum(w_clip + rho, 0.0))
+               + jnp.asarray(eps, dtype))
+  root = jnp.sqrt(w_clip)
+  whiten = jnp.where(w_clip > 0, 1.0 / jnp.where(w_clip > 0, root, 1.0), 0.0)
 
-  # 1.10: first moment.
-  mu = beta1 * mu_moved + (1 - beta1) * precond
+  # 1.10 in whitened coordinates: mu = M Q diag(w)^-1/2 with
+  # M = bc1 M' + (1 - bc1) nan_to_zero(Gbar Vis), M' = mu_old C.T.
+  k1 = beta1 * transport.T @ (q * whiten)
+  k2 = (1 - beta1) * scale * q * (vis * whiten)
+  k2 = jnp.where(jnp.isfinite(k2), k2, 0.0)
+  # 1.12: D = M (R^+).T of the other factor; its new basis U Q diag(w)^1/2.
+  k3 = root[:, None] * (q.T @ partner_r_pinv.T)
+  k4 = partner_m2 @ (q * root)
+  return k1, k2, k3, k4, w, rho
 
-  # 1.11: update capping (0 disables).
-  safe_cap = jnp.where(update_capping > 0, update_capping, 1.0)
-  capped = mu / jnp.maximum(1.0, _rms(mu) / safe_cap)
-  direction = jnp.where(update_capping > 0, capped, mu)
 
-  # 1.12: back to factor coordinates.
-  direction = direction @ r_other_pinv.T
-  return direction, mu, nu, rho
+# ------------------------------------- batching the r x r math of the tree
+
+
+def _on_both_sides(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` of one factor -> ``fn`` on ``(N, 2, ...)`` batches: ``N`` alike
+  adapters (pairs times stacked layers), side 0 the A factor, 1 the B."""
+  return jax.vmap(jax.vmap(fn))
+
+
+def _partner(x: jax.Array) -> jax.Array:
+  """The other factor's value in a ``(N, 2, ...)`` batch."""
+  return jnp.flip(x, axis=1)
+
+
+class _Group(NamedTuple):
+  """Alike pairs (same rank and dtype): their ``r x r`` matrices are one
+  ``(N, 2, ...)`` batch."""
+
+  pairs: tuple[int, ...]  # indices into LoraPairs.pairs
+  sizes: tuple[int, ...]  # num_batch of each pair
+  offsets: tuple[jax.Array, ...]  # where each pair starts in the batch
+
+  def stack(self, per_pair):
+    """Per-pair ``(a, b)`` of ``(nb, ...)`` arrays -> one ``(N, 2, ...)``."""
+    parts = [jnp.stack(jnp.broadcast_arrays(*per_pair[i]), axis=1)
+             for i in self.pairs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  def unstack(self, batch, out):
+    """Inverse of :meth:`stack`, written into ``out`` (a per-pair list)."""
+    for i, size, offset in zip(self.pairs, self.sizes, self.offsets):
+      part = jax.lax.dynamic_slice_in_dim(batch, offset, size)
+      out[i] = (part[:, 0], part[:, 1])
+    return out
+
+
+def _alike_groups(found: pairs_lib.LoraPairs, sizes, dtypes) -> list[_Group]:
+  """The pairs grouped by rank and compute dtype.
+
+  The offsets are runtime values (behind an optimization barrier): with
+  literal offsets every pair's slices would be distinct XLA kernels, and a
+  tree of a hundred adapters would spend most of its compile time on them.
+  """
+  members: dict[Any, list[int]] = {}
+  for i, (pair, dtype) in enumerate(zip(found.pairs, dtypes)):
+    members.setdefault((pair.a.rank, dtype), []).append(i)
+  starts = [np.cumsum([0] + [sizes[i] for i in group])[:-1]
+            for group in members.values()]
+  values = sorted({int(v) for start in starts for v in start})
+  runtime = dict(zip(values, jax.lax.optimization_barrier(
+      tuple(jnp.asarray(v, jnp.int32) for v in values))))
+  return [_Group(tuple(group), tuple(sizes[i] for i in group),
+                 tuple(runtime[int(v)] for v in start))
+          for group, start in zip(members.values(), starts)]
+
+
+def _maybe_positive(x: Any) -> bool:
+  """False only for a hyperparameter known at trace time to be <= 0."""
+  return not isinstance(x, (int, float)) or x > 0
 
 
 def scale_by_lora_rite(
@@ -141,6 +240,7 @@ def scale_by_lora_rite(
     update_capping: float = 0.0,
     escape: bool = False,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   """LoRA-RITE's preconditioning (ALGORITHMS.md 1, steps 1-12).
 
@@ -153,6 +253,12 @@ def scale_by_lora_rite(
   A factor whose gradient has a non-finite entry is skipped on that step, as
   an over-large one is (1.4): its unmagnified gradient counts as zero, its
   moments decay as for a zero gradient, and params and state stay finite.
+
+  The thin QR of 1.2 is computed from Gram matrices in two passes
+  (:func:`rite_optax.linalg.gram_qr`): every operation on a factor is a
+  product with an ``r x r`` matrix or a product reducing to one, so factors
+  sharded along their rows are never gathered (only ``r x r`` matrices are
+  all-reduced).
 
   Args:
     b1: decay of the first moment.
@@ -167,11 +273,18 @@ def scale_by_lora_rite(
     pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
       automatic rules do not know (see :mod:`rite_optax.pairs`). Pass
       ``static_args="pair_spec"`` to ``optax.inject_hyperparams``.
+    learning_rate: if given, the updates are ``-learning_rate`` times the
+      direction (step 14 without weight decay), the factor folded into the
+      last ``r x r`` product rather than a separate pass over the factors as
+      ``optax.scale_by_learning_rate`` would be. A schedule is evaluated at
+      the step count.
 
-  Cost per pair: ``O((m + n) r^2 + r^3)`` flops (two thin QRs, a few products
-  with the factors, ``r x r`` eigendecompositions). State: two factor-sized
-  arrays per factor (``mu``, ``basis``), like Adam's ``mu`` and ``nu``, plus
-  ``r x r + 1`` numbers.
+  Cost per pair: ``O((m + n) r^2 + r^3)`` flops: per factor ten products of
+  the factor's size with ``r x r`` matrices (about ``20 (m + n) r^2``), and
+  three ``r x r`` ``eigh``. State: two factor-sized arrays per factor
+  (``mu``, ``basis``), as Adam's ``mu`` and ``nu``
+  (:class:`ScaleByLoraRiteState`), plus ``r + 1`` numbers per factor with
+  ``escape=True``.
   """
 
   def compute_dtype(dtype):
@@ -193,15 +306,20 @@ def scale_by_lora_rite(
     found = find_pairs(params)
     dtypes = [compute_dtype(leaf.dtype)
               for leaf in jax.tree_util.tree_leaves(params)]
+
     def zeros(p):
       return jnp.zeros(p.shape, compute_dtype(p.dtype))
 
+    nu = escape_mass = None
+    if escape:
+      nu = found.init_per_adapter(params, lambda l: (l.rank,), dtypes)
+      escape_mass = found.init_per_adapter(params, lambda l: (), dtypes)
     return ScaleByLoraRiteState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros, params),
-        nu=found.init_per_adapter(params, lambda l: (l.rank, l.rank), dtypes),
         basis=jax.tree.map(zeros, params),
-        escape_mass=found.init_per_adapter(params, lambda l: (), dtypes),
+        nu=nu,
+        escape_mass=escape_mass,
     )
 
   def update_fn(updates, state, params=None):
@@ -210,64 +328,146 @@ def scale_by_lora_rite(
                        "built from the current factors")
     found = find_pairs(params)
     found.check_like(updates, "gradient")
-    param_leaves = jax.tree_util.tree_leaves(params)
-    out_dtypes = [p.dtype for p in param_leaves]
+    out_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
+    num_pairs = len(found.pairs)
+    rank_first = [(p.a.rank_first, p.b.rank_first) for p in found.pairs]
 
-    def to_compute(per_pair):
-      return [(a.astype(compute_dtype(a.dtype)), b.astype(compute_dtype(b.dtype)))
-              for a, b in per_pair]
+    # Per-pair lists of (A, B) values. Factor-sized arrays keep their memory
+    # layout (native=True): (nb, rows, r), or (nb, r, rows) if rank_first.
+    def split(tree, what):
+      return found.split(tree, what, native=True)
 
-    factors = to_compute(found.split(params, "params"))
-    grads = [(ga.astype(a.dtype), gb.astype(b.dtype)) for (ga, gb), (a, b) in
-             zip(found.split(updates, "gradient"), factors)]
-    mus = found.split(state.mu, "state.mu")
-    bases = found.split(state.basis, "state.basis")
-    nus = found.split_per_adapter(state.nu, "state.nu")
-    rhos = found.split_per_adapter(state.escape_mass, "state.escape_mass")
+    def per_factor(fn, *per_pair):
+      """``fn(rank_first, *values)`` on both factors of every pair."""
+      return [tuple(fn(*args) for args in zip(rank_first[i],
+                                              *(v[i] for v in per_pair)))
+              for i in range(num_pairs)]
 
-    # 1.1-1.4, per pair and stacked layer.
-    unmagnify = jax.vmap(_unmagnified_grads, in_axes=(0, 0, 0, 0, None))
-    stage1 = [unmagnify(a, b, ga, gb, update_skipping)
-              for (a, b), (ga, gb) in zip(factors, grads)]
+    def gram(a, b):
+      return per_factor(lambda rf, u, v: _gram(u, v, rf), a, b)
 
-    # 1.5: global clipping over every pair of the tree.
-    sq_norm = sum(jnp.sum(jnp.square(s[0])) + jnp.sum(jnp.square(s[1]))
-                  for s in stage1)
-    norm = jnp.sqrt(sq_norm)
-    clip = jnp.where((clip_unmagnified_grad > 0) & (norm > clip_unmagnified_grad),
-                     clip_unmagnified_grad / jnp.where(norm > 0, norm, 1.0), 1.0)
+    def times(a, m):
+      return per_factor(lambda rf, u, k: _times(u, k, rf), a, m)
 
-    precondition = jax.vmap(
-        _precondition_factor,
-        in_axes=(0, 0, 0, 0, 0, None, None, None, None, None, None))
-    directions, new_mu, new_nu, new_basis, new_rho = [], [], [], [], []
-    for i, (gbar_a, gbar_b, basis_a, basis_b, ra_pinv, rb_pinv) in enumerate(
-        stage1):
-      (mu_a, mu_b), (nu_a, nu_b) = mus[i], nus[i]
-      (old_a, old_b), (rho_a, rho_b) = bases[i], rhos[i]
-      # A's gradient lives in B's basis: it moves with B's basis change.
-      d_a, mu_a, nu_a, rho_a = precondition(
-          clip.astype(gbar_a.dtype) * gbar_a, basis_b, rb_pinv,
-          _FactorState(mu_a, nu_a, old_a, rho_a), old_b, state.count, b1, b2,
-          eps, update_capping, escape)
-      d_b, mu_b, nu_b, rho_b = precondition(
-          clip.astype(gbar_b.dtype) * gbar_b, basis_a, ra_pinv,
-          _FactorState(mu_b, nu_b, old_b, rho_b), old_a, state.count, b1, b2,
-          eps, update_capping, escape)
-      directions.append((d_a, d_b))
-      new_mu.append((mu_a, mu_b))
-      new_nu.append((nu_a, nu_b))
-      new_basis.append((basis_a, basis_b))  # 1.14: U_old = U
-      new_rho.append((rho_a, rho_b))
+    def empty():
+      return [None] * num_pairs
 
+    x = per_factor(lambda _, v: v.astype(compute_dtype(v.dtype)),
+                   split(params, "params"))
+    grads = per_factor(lambda _, g, v: g.astype(v.dtype),
+                       split(updates, "gradient"), x)
+    mu = split(state.mu, "state.mu")
+    basis = split(state.basis, "state.basis")
+    groups = _alike_groups(
+        found, [a.shape[0] for a, _ in x],
+        [jnp.promote_types(a.dtype, b.dtype) for a, b in x])
+
+    # 1.2: thin QR from Gram matrices (linalg.gram_qr written out, so that U
+    # is only used through products and never formed), and 1.6's basis
+    # change C = U.T basis_old of every factor.
+    m1, first = empty(), []
+    gram_x = gram(x, x)
+    for group in groups:
+      m1_g, r1_g = _on_both_sides(linalg.gram_first_pass)(group.stack(gram_x))
+      group.unstack(m1_g, m1)
+      first.append((m1_g, r1_g))
+    u1 = times(x, m1)
+    gram_u1, cross = gram(u1, u1), gram(u1, basis)
+    r_pinv, second = empty(), []
+    for group, (m1_g, r1_g) in zip(groups, first):
+      m2_g, r_pinv_g, transport_g = _on_both_sides(_second_pass)(
+          group.stack(gram_u1), group.stack(cross), m1_g, r1_g)
+      group.unstack(r_pinv_g, r_pinv)
+      second.append((m2_g, r_pinv_g, transport_g))
+
+    # 1.3: unmagnified gradients, each in the other factor's basis.
+    gbar = times(grads, [(rb, ra) for ra, rb in r_pinv])
+    second_raw = gram(gbar, gbar)
+
+    # 1.4: skipping (and our safe behaviour for non-finite gradients: such a
+    # factor is skipped whatever the threshold, so no NaN reaches the state
+    # or the global norm of 1.5). 1.5: global clipping.
+    raw = [group.stack(second_raw) for group in groups]
+    rows = [group.stack([(np.full(a.shape[0], p.a.rows),
+                          np.full(b.shape[0], p.b.rows))
+                         for (a, b), p in zip(x, found.pairs)])
+            for group in groups]
+    sq_norms = [jnp.trace(s, axis1=-2, axis2=-1) for s in raw]
+    keep = []
+    for sq, n, s in zip(sq_norms, rows, raw):
+      rms = jnp.sqrt(sq / (n * s.shape[-1]))
+      too_big = (update_skipping > 0) & (rms > update_skipping)
+      keep.append(jnp.isfinite(sq) & ~too_big)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.where(k, sq, 0.0))
+                        for k, sq in zip(keep, sq_norms)))
+    clip = jnp.where(
+        (clip_unmagnified_grad > 0) & (norm > clip_unmagnified_grad),
+        clip_unmagnified_grad / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+    # 1.6-1.12 in r x r matrices.
+    if escape:
+      eig_old = found.split_per_adapter(state.nu, "state.nu")
+      rho = found.split_per_adapter(state.escape_mass, "state.escape_mass")
+    k1, k2, k3, k4, eig_new, new_rho = (empty() for _ in range(6))
+    precondition = _on_both_sides(functools.partial(
+        _precondition, b1=b1, b2=b2, eps=eps, escape=escape))
+    for group, (m2_g, r_pinv_g, transport_g), raw_g, keep_g, rows_g in zip(
+        groups, second, raw, keep, rows):
+      dtype = raw_g.dtype
+      if escape:
+        eig_old_g, rho_g = group.stack(eig_old), group.stack(rho)
+      else:
+        eig_old_g = jnp.zeros(raw_g.shape[:-1], dtype)
+        rho_g = jnp.zeros(raw_g.shape[:2], dtype)
+      scale = jnp.where(keep_g, clip.astype(dtype), 0.0)
+      t = jnp.broadcast_to(state.count.astype(dtype), scale.shape)
+      k1_g, k2_g, k3_g, k4_g, eig_g, rho_g = precondition(
+          _partner(transport_g), raw_g, scale, rows_g.astype(dtype),
+          _partner(r_pinv_g), _partner(m2_g), eig_old_g, rho_g, t)
+      for batch, out in ((k1_g, k1), (k2_g, k2), (k3_g, k3), (eig_g, eig_new),
+                         (rho_g, new_rho)):
+        group.unstack(batch, out)
+      # A's K4 makes B's new basis and the other way round.
+      group.unstack(_partner(k4_g), k4)
+
+    # 1.10: the factor-sized part of the first moment's update.
+    new_mu = per_factor(
+        lambda rf, m, ka, g, kb: (_times(m, ka, rf)
+                                  + _nan_to_zero(_times(g, kb, rf))),
+        mu, k1, gbar, k2)
+    # 1.11: update capping (0 disables): rms of M = mu Q diag(w)^1/2.
+    if _maybe_positive(update_capping):
+      def capped(rf, m, w, k):
+        column_sq = jnp.sum(m * m, axis=-1 if rf else -2)
+        rms = jnp.sqrt(jnp.sum(column_sq * jnp.maximum(w, 0.0), axis=-1)
+                       / m[0].size)
+        safe_cap = jnp.where(update_capping > 0, update_capping, 1.0)
+        factor = jnp.where(update_capping > 0,
+                           1.0 / jnp.maximum(1.0, rms / safe_cap), 1.0)
+        return k * factor.astype(k.dtype)[:, None, None]
+      k3 = per_factor(capped, new_mu, eig_new, k3)
+    # 1.12: back to factor coordinates, and 1.14's -learning_rate if ours.
+    if learning_rate is not None:
+      step_size = (learning_rate(state.count) if callable(learning_rate)
+                   else learning_rate)
+      k3 = per_factor(lambda _, k: -jnp.asarray(step_size, k.dtype) * k, k3)
+    directions = times(new_mu, k3)
+    # 1.14: U_old = U, kept as the other factor's second-moment root.
+    new_basis = times(u1, k4)
+
+    nu = escape_mass = None
+    if escape:
+      nu = found.merge_per_adapter(state.nu, eig_new)
+      escape_mass = found.merge_per_adapter(state.escape_mass, new_rho)
     new_state = ScaleByLoraRiteState(
         count=optax.safe_increment(state.count),
-        mu=found.merge(state.mu, new_mu),
-        nu=found.merge_per_adapter(state.nu, new_nu),
-        basis=found.merge(state.basis, new_basis),
-        escape_mass=found.merge_per_adapter(state.escape_mass, new_rho),
+        mu=found.merge(state.mu, new_mu, native=True),
+        basis=found.merge(state.basis, new_basis, native=True),
+        nu=nu,
+        escape_mass=escape_mass,
     )
-    return found.merge(updates, directions, out_dtypes), new_state
+    return (found.merge(updates, directions, out_dtypes, native=True),
+            new_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -288,20 +488,28 @@ def lora_rite(
 
   ``chain(scale_by_lora_rite(...), add_decayed_weights(weight_decay),
   scale_by_learning_rate(learning_rate))``: steps 13 and 14 are optax's own.
-  ``learning_rate`` may be a schedule. Use it like any optax optimizer, on a
-  tree of LoRA factors (``nnx.state(model, nnx.LoRAParam)``)::
+  Without weight decay (``weight_decay`` a Python 0), the learning rate is
+  passed to :func:`scale_by_lora_rite` instead, which folds it into its last
+  ``r x r`` product (one pass over the factors less); the chain then has
+  that one element, so ``state[0]`` is the :class:`ScaleByLoraRiteState`
+  either way. ``learning_rate`` may be a schedule. Use it like any optax
+  optimizer, on a tree of LoRA factors (``nnx.state(model, nnx.LoRAParam)``)::
 
       tx = optax.chain(optax.clip_by_global_norm(1.0),
                        rite_optax.lora_rite(1e-3))
 
   See :func:`scale_by_lora_rite` for the arguments, the cost and the state.
   """
+  hparams = dict(b1=b1, b2=b2, eps=eps,
+                 clip_unmagnified_grad=clip_unmagnified_grad,
+                 update_skipping=update_skipping,
+                 update_capping=update_capping, escape=escape,
+                 pair_spec=pair_spec)
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return optax.chain(scale_by_lora_rite(learning_rate=learning_rate,
+                                          **hparams))
   return optax.chain(
-      scale_by_lora_rite(b1=b1, b2=b2, eps=eps,
-                         clip_unmagnified_grad=clip_unmagnified_grad,
-                         update_skipping=update_skipping,
-                         update_capping=update_capping, escape=escape,
-                         pair_spec=pair_spec),
+      scale_by_lora_rite(**hparams),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -109,18 +109,35 @@ class FactorLayout:
     return math.prod(self.shape[i] for i in self.row_axes)
 
   @property
-  def _perm(self) -> tuple[int, ...]:
+  def rank_first(self) -> bool:
+    """Whether the rank axis comes before every row axis (Flax ``lora_b
+    (r, out)``, PEFT ``lora_A (r, in)``): in memory, such a factor is
+    ``(num_batch, r, rows)`` without moving any data."""
+    return bool(self.row_axes) and self.rank_axis < min(self.row_axes)
+
+  def _perm(self, rank_first: bool) -> tuple[int, ...]:
+    if rank_first:
+      return self.batch_axes + (self.rank_axis,) + self.row_axes
     return self.batch_axes + self.row_axes + (self.rank_axis,)
 
-  def to_canonical(self, x: jax.Array) -> jax.Array:
-    """``x`` of this factor's shape -> ``(num_batch, rows, r)``."""
-    return jnp.transpose(x, self._perm).reshape(
-        self.num_batch, self.rows, self.rank)
+  def to_canonical(self, x: jax.Array, rank_first: bool = False) -> jax.Array:
+    """``x`` of this factor's shape -> ``(num_batch, rows, r)``.
 
-  def from_canonical(self, y: jax.Array) -> jax.Array:
+    With ``rank_first=True``, ``(num_batch, r, rows)`` instead: the transpose
+    of the canonical layout, which for a :attr:`rank_first` factor is a
+    reshape (products written for it need no transposed copy).
+    """
+    perm = self._perm(rank_first)
+    trailing = ((self.rank, self.rows) if rank_first
+                else (self.rows, self.rank))
+    return jnp.transpose(x, perm).reshape((self.num_batch,) + trailing)
+
+  def from_canonical(self, y: jax.Array, rank_first: bool = False
+                     ) -> jax.Array:
     """Inverse of :meth:`to_canonical`."""
-    permuted_shape = tuple(self.shape[i] for i in self._perm)
-    inverse = tuple(sorted(range(len(self._perm)), key=self._perm.__getitem__))
+    perm = self._perm(rank_first)
+    permuted_shape = tuple(self.shape[i] for i in perm)
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
     return jnp.transpose(y.reshape(permuted_shape), inverse)
 
   def per_adapter_shape(self, *trailing: int) -> tuple[int, ...]:
@@ -279,23 +296,30 @@ class LoraPairs:
             f"{layout.path}: {what} has shape {tuple(leaf.shape)} but the "
             f"parameter has shape {layout.shape}")
 
-  def split(self, tree: Any, what: str = "tree") -> list[tuple[jax.Array,
-                                                             jax.Array]]:
-    """Factor-shaped leaves -> per pair ``(A, B)``, each ``(num_batch, rows, r)``."""
+  def split(self, tree: Any, what: str = "tree", native: bool = False
+            ) -> list[tuple[jax.Array, jax.Array]]:
+    """Factor-shaped leaves -> per pair ``(A, B)``, each ``(num_batch, rows, r)``.
+
+    With ``native=True``, a :attr:`FactorLayout.rank_first` factor comes as
+    ``(num_batch, r, rows)`` instead, so that no factor is transposed in
+    memory; the optimizer then writes its products for either orientation.
+    """
     leaves = self._leaves(tree, what)
-    return [(p.a.to_canonical(leaves[p.a_index]),
-             p.b.to_canonical(leaves[p.b_index])) for p in self.pairs]
+    return [(p.a.to_canonical(leaves[p.a_index], native and p.a.rank_first),
+             p.b.to_canonical(leaves[p.b_index], native and p.b.rank_first))
+            for p in self.pairs]
 
   def merge(self, like: Any, per_pair: Sequence[tuple[jax.Array, jax.Array]],
-            dtypes: Optional[Sequence[Any]] = None) -> Any:
+            dtypes: Optional[Sequence[Any]] = None,
+            native: bool = False) -> Any:
     """Inverse of :meth:`split`; the result has ``like``'s tree structure.
 
     ``dtypes``, one per leaf, casts each leaf (e.g. to its parameter's dtype).
     """
     leaves: list[Any] = [None] * len(self.layouts)
     for p, (a, b) in zip(self.pairs, per_pair):
-      leaves[p.a_index] = p.a.from_canonical(a)
-      leaves[p.b_index] = p.b.from_canonical(b)
+      leaves[p.a_index] = p.a.from_canonical(a, native and p.a.rank_first)
+      leaves[p.b_index] = p.b.from_canonical(b, native and p.b.rank_first)
     if dtypes is not None:
       leaves = [x.astype(d) for x, d in zip(leaves, dtypes)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
@@ -380,3 +404,4 @@ def _common_prefix(a: str, b: str) -> str:
     n += 1
   cut = a.rfind("]", 0, n + 1)
   return a[:cut + 1] if cut > 0 else a
+
