@@ -1,5 +1,10 @@
 """rite_optax: transformation-invariant optimizers for LoRA, as optax transformations."""
 
+from rite_optax import _xla_cpu
+
+_xla_cpu.apply()  # before anything can start JAX's CPU backend
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from rite_optax import linalg
 from rite_optax import pairs
 from rite_optax.invariance import invariance_gap

@@ -1,5 +1,9 @@
 """Shampoo (ALGORITHMS.md 5): a dense NumPy reference, whitening, plumbing."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -303,3 +307,25 @@ class IntegrationTest(chex.TestCase):
       rite_optax.scale_by_shampoo(graft_type="adagrad")
     with self.assertRaisesRegex(ValueError, "block_size"):
       rite_optax.scale_by_shampoo(block_size=0)
+
+
+def test_update_on_a_512_square_leaf_does_not_deadlock_xla_cpu():
+  """The reproducer of rite_optax/_xla_cpu.py, in a fresh process (so that
+  the flag is set the way users get it: by importing rite_optax first). A
+  deadlock shows as a timeout instead of hanging the suite. Without the flag
+  it hung in two of three runs on this machine's jaxlib 0.10.2."""
+  code = (
+      "import rite_optax, jax, jax.numpy as jnp\n"
+      "x = {'w': jax.random.normal(jax.random.PRNGKey(0), (512, 512))}\n"
+      "tx = rite_optax.shampoo(1e-3)\n"
+      "state = tx.init(x)\n"
+      "update = jax.jit(tx.update)\n"
+      "for _ in range(3):\n"
+      "  u, state = update(jax.tree.map(lambda a: 1e-3 * a, x), state, x)\n"
+      "  jax.block_until_ready((u, state))\n"
+      "print(float(jnp.abs(u['w']).max()))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert float(done.stdout.split()[-1]) > 0
