@@ -1,30 +1,39 @@
-"""LoRA fine-tuning of Gemma with any optimizer of the registry.
+"""LoRA fine-tuning of Gemma or mT5 with any optimizer of the registry.
 
 The main job: ``python experiments/finetune.py`` fine-tunes the ``tiny``
 Gemma with LoRA-RITE on ARC-Challenge from ``../shared/data/llm_adapters``
 on a CPU, with nothing downloaded, in a few minutes. The same script runs the
-paper's settings on TPU through presets and command-line overrides::
+paper's settings on TPU through presets, config files and command-line
+overrides::
 
     python experiments/finetune.py --preset gemma_2b_sni \\
         --checkpoint /ckpt/gemma-2b-flax --tokenizer /ckpt/tokenizer.model
+    python experiments/finetune.py \\
+        --config experiments/tpu/configs/mt5_xxl_natural_instructions.yaml \\
+        --checkpoint /ckpt/mt5-xxl --tokenizer /ckpt/spiece.model
 
 Every field of :class:`FinetuneConfig` is a flag (``--steps 50``,
-``--optimizer adam``, ``--hparams '{"escape": true}'``). A run writes to
+``--optimizer adam``, ``--hparams '{"escape": true}'``) and a key of a
+``--config`` YAML/JSON file (unknown keys are refused); the precedence is
+preset < config file < flags. ``--family t5`` selects mT5 (a preset of
+:mod:`rite_optax.models.t5`, the seq2seq batches and loss). A run writes to
 ``--output-dir``: orbax checkpoints (resumed automatically, saved on SIGTERM),
-TensorBoard events (``tb/``), ``metrics.jsonl`` and ``loss.png``.
+TensorBoard events (``tb/``), ``metrics.jsonl`` and ``loss.png`` (the last
+three from process 0 only on a multi-host slice).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +47,18 @@ from rite_optax.models import gemma
 from rite_optax.models import gemma_loader
 from rite_optax.models import inject_lora
 from rite_optax.models import sharding
+from rite_optax.models import t5
+from rite_optax.models import t5_loader
 from rite_optax.train import checkpoints as ckpt_lib
 from rite_optax.train import eval as eval_lib
 from rite_optax.train import step as step_lib
 
 MULTIPLE_CHOICE = {"arc_challenge", "arc_easy", "openbookqa", "boolq",
                    "hellaswag"}
+# Model families: the module whose PRESETS name the ``model`` field.
+FAMILIES = {"gemma": gemma, "t5": t5}
+SCHEDULES = ("cosine", "linear", "constant")
+SOURCES = ("local", "tfds", "mock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +66,11 @@ class FinetuneConfig:
   """One fine-tuning run. Every field is a command-line flag."""
 
   # Model.
-  model: str = "tiny"  # a preset of rite_optax.models.gemma.PRESETS
-  checkpoint: Optional[str] = None  # released Gemma Flax checkpoint (orbax)
+  model: str = "tiny"  # a preset of the family's module (gemma.PRESETS...)
+  family: str = "gemma"  # "gemma" (decoder-only) or "t5" (mT5, seq2seq)
+  # Released weights: Gemma's Flax (orbax) checkpoint; for t5, HF safetensors
+  # (a .safetensors file, its index, or a folder of either) or a T5X orbax dir.
+  checkpoint: Optional[str] = None
   tokenizer: Optional[str] = None  # SentencePiece model; None: bytes
   compute_dtype: str = "float32"  # "bfloat16" on TPU
   # LoRA.
@@ -62,11 +80,14 @@ class FinetuneConfig:
   lora_mlp: bool = True
   # Data.
   task: str = "arc_challenge"
-  source: str = "local"  # "local": ../shared/data/llm_adapters; "tfds"
+  # "local": ../shared/data/llm_adapters; "tfds"; "mock": generated records
+  # in the task's TFDS format (dry runs and tests, nothing read from disk).
+  source: str = "local"
   data_dir: Optional[str] = None
   train_split: str = "train"
   eval_split: str = "test"
-  max_len: int = 256
+  max_len: int = 256  # decoder-only sequence, or t5 encoder input
+  max_target_len: int = 0  # t5 decoder sequence; 0: max_len
   batch_size: int = 16
   grad_accum_steps: int = 1
   # Optimizer.
@@ -74,13 +95,16 @@ class FinetuneConfig:
   learning_rate: float = 2e-3
   hparams: str = "{}"  # JSON: extra hyperparameters of the optimizer
   warmup_steps: int = 20
+  schedule: str = "cosine"  # after the linear warmup: cosine|linear|constant
   clip_grad_norm: float = 1.0  # 0 disables
   # Schedule of the run.
   steps: int = 300
   eval_every: int = 100
   eval_examples: int = 200  # held-out examples for task metrics
   max_new_tokens: int = 64  # generation tasks (gsm8k, natural_instructions)
-  mesh: str = "auto"  # "data,fsdp,tensor" sizes, or auto: all devices on data
+  # "data,fsdp,tensor" sizes, one of them may be -1 (the remaining devices),
+  # or auto: all devices on data.
+  mesh: str = "auto"
   output_dir: str = ""  # default: runs/<model>-<task>-<optimizer>
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
@@ -91,8 +115,10 @@ class FinetuneConfig:
 PRESETS = {
     # The main job: CPU, nothing downloaded.
     "cpu_tiny": FinetuneConfig(),
-    # The paper's Gemma 2B settings on a TPU VM (released checkpoint and
-    # tokenizer supplied by the user; data from TFDS).
+    # Gemma 2B on Super-NaturalInstructions on a TPU VM (released checkpoint
+    # and tokenizer supplied by the user; data from TFDS). The paper's runs,
+    # with the source of each value, are the config files of
+    # experiments/tpu/configs (--config FILE).
     "gemma_2b_sni": FinetuneConfig(
         model="gemma_2b", compute_dtype="bfloat16", task="natural_instructions",
         source="tfds", train_split="train[:95%]", eval_split="train[95%:]",
@@ -102,10 +128,97 @@ PRESETS = {
 }
 
 
+def _field_types() -> dict[str, str]:
+  return {f.name: str(f.type) for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _coerce(name: str, kind: str, value: Any, where: str) -> Any:
+  """``value`` of a config file as field ``name`` of type ``kind``, or raise."""
+  def bad(expected):
+    return ValueError(f"{where}: field {name!r} must be {expected}, got "
+                      f"{value!r} ({type(value).__name__})")
+  if kind == "bool":
+    if not isinstance(value, bool):
+      raise bad("true or false")
+  elif kind == "int":
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad("an integer")
+  elif kind == "float":
+    if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        raise bad("a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad("a number")
+    value = float(value)
+  elif name == "hparams" and isinstance(value, dict):
+    value = json.dumps(value)  # a mapping in YAML, a JSON string in the field
+  elif kind == "Optional[str]":
+    if value is not None and not isinstance(value, str):
+      raise bad("a string or null")
+  elif not isinstance(value, str):
+    raise bad("a string")
+  return value
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+  """The fields set by a YAML or JSON config file, checked and typed.
+
+  The file is a mapping of :class:`FinetuneConfig` fields; a key that is no
+  field raises a ``ValueError`` naming it, as does a value of the wrong type.
+  ``hparams`` may be a mapping (it is stored as JSON).
+  """
+  import yaml  # pylint: disable=import-outside-toplevel  (a flax dependency)
+
+  with open(path, encoding="utf-8") as f:
+    data = yaml.safe_load(f)
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: a config file is a mapping of FinetuneConfig "
+                     f"fields, not a {type(data).__name__}")
+  kinds = _field_types()
+  unknown = sorted(str(k) for k in data if k not in kinds)
+  if unknown:
+    raise ValueError(
+        f"{path}: unknown FinetuneConfig field(s) "
+        f"{', '.join(map(repr, unknown))}; the fields are {', '.join(kinds)}")
+  return {name: _coerce(name, kinds[name], value, str(path))
+          for name, value in data.items()}
+
+
+def validate(config: FinetuneConfig) -> FinetuneConfig:
+  """Raise a ``ValueError`` on settings no run can start with."""
+  if config.family not in FAMILIES:
+    raise ValueError(f"family must be one of {sorted(FAMILIES)}, got "
+                     f"{config.family!r}")
+  presets = FAMILIES[config.family].PRESETS
+  if config.model not in presets:
+    raise ValueError(f"model {config.model!r} is no preset of family "
+                     f"{config.family!r}: {sorted(presets)}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got "
+                     f"{config.schedule!r}")
+  if config.source not in SOURCES:
+    raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
+  if config.lora_rank < 1 or config.batch_size < 1 or config.steps < 0:
+    raise ValueError("lora_rank and batch_size must be >= 1, steps >= 0")
+  mesh_sizes(config.mesh, devices=None)  # raises on a malformed spec
+  try:
+    json.loads(config.hparams)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"hparams is not JSON: {config.hparams!r}") from e
+  return config
+
+
 def parse_config(argv: Optional[list[str]] = None) -> FinetuneConfig:
-  """``--preset NAME`` then one flag per :class:`FinetuneConfig` field."""
+  """``--preset NAME``, ``--config FILE``, then one flag per field."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS))
+  parser.add_argument("--config", default=None, metavar="FILE",
+                      help="YAML/JSON file of FinetuneConfig fields, applied "
+                      "over the preset and under the flags")
   for field in dataclasses.fields(FinetuneConfig):
     flag = "--" + field.name.replace("_", "-")
     if field.type in ("bool", bool):
@@ -120,14 +233,83 @@ def parse_config(argv: Optional[list[str]] = None) -> FinetuneConfig:
   args = parser.parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(
       FinetuneConfig) if getattr(args, f.name) is not None}
-  return dataclasses.replace(PRESETS[args.preset], **overrides)
+  config = PRESETS[args.preset]
+  if args.config:
+    config = dataclasses.replace(config, **load_config_file(args.config))
+  return validate(dataclasses.replace(config, **overrides))
+
+
+def mesh_sizes(spec: str, devices: Optional[int]) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` of a mesh spec for ``devices`` devices.
+
+  ``"auto"``: every device on ``data``. ``"d,f,t"``: those sizes, one of them
+  may be ``-1`` for what the others leave. ``devices=None`` only checks the
+  form of the spec (and returns -1 where a size depends on the count).
+  """
+  if spec == "auto":
+    return (devices if devices is not None else -1, 1, 1)
+  try:
+    sizes = [int(x) for x in spec.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3 or sizes.count(-1) > 1 or any(
+      x == 0 or x < -1 for x in sizes):
+    raise ValueError(f"mesh must be 'auto' or 'data,fsdp,tensor' (positive "
+                     f"sizes, at most one -1), got {spec!r}")
+  if -1 in sizes and devices is not None:
+    rest = -int(np.prod(sizes))
+    if devices % rest:
+      raise ValueError(f"mesh {spec!r}: {devices} devices do not divide by "
+                       f"{rest}")
+    sizes[sizes.index(-1)] = devices // rest
+  return tuple(sizes)
 
 
 def build_mesh(spec: str) -> jax.sharding.Mesh:
-  if spec == "auto":
-    return sharding.make_mesh(data=jax.device_count(), fsdp=1, tensor=1)
-  data, fsdp, tensor = (int(x) for x in spec.split(","))
+  data, fsdp, tensor = mesh_sizes(spec, jax.device_count())
   return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def mock_records(task: str, split: str, num: int = 128) -> list[dict]:
+  """``num`` generated records of ``task`` in its TFDS feature format.
+
+  Two-number additions, deterministic per ``(task, split)``: the conversion
+  of :func:`rite_optax.data.tasks.from_tfds` and everything after it run as
+  on the real data, with nothing downloaded (dry runs, tests).
+  """
+  task = data_lib.tasks.canonical_task(task)
+  rng = np.random.default_rng([sum(map(ord, task)), sum(map(ord, split))])
+  records = []
+  for _ in range(num):
+    a, b = (int(x) for x in rng.integers(1, 50, size=2))
+    total = a + b
+    wrong = [total + d for d in (-2, 1, 3)]
+    answer = int(rng.integers(4))
+    options = wrong[:answer] + [total] + wrong[answer:]
+    question = f"What is {a} plus {b}?"
+    if task == "natural_instructions":
+      records.append({"definition": "Add the two numbers.",
+                      "input": f"{a} and {b}", "output": str(total)})
+    elif task == "hellaswag":
+      records.append({"activity_label": "Arithmetic",
+                      "context": f"{a} plus {b} equals",
+                      "endings": [str(o) for o in options], "label": answer})
+    elif task in ("arc_challenge", "arc_easy"):
+      records.append({"question": question, "answerKey": answer,
+                      "choices": {"text": [str(o) for o in options],
+                                  "label": [0, 1, 2, 3]}})
+    elif task == "openbookqa":
+      records.append({"question": {"stem": question, **{
+          f"choice_{c}": str(o) for c, o in zip("ABCD", options)}},
+                      "answerKey": answer})
+    elif task == "gsm8k":
+      records.append({"question": question,
+                      "answer": f"{a} + {b} = <<{a}+{b}={total}>>{total}\n"
+                                f"#### {total}",
+                      "short_answer": str(total)})
+    else:
+      raise ValueError(f"no mock records for task {task!r}")
+  return records
 
 
 def load_examples(config: FinetuneConfig, split: str) -> list[dict[str, Any]]:
@@ -135,47 +317,127 @@ def load_examples(config: FinetuneConfig, split: str) -> list[dict[str, Any]]:
     return data_lib.load_local_task(config.task, split, config.data_dir)
   if config.source == "tfds":
     return list(data_lib.tfds_task(config.task, split, config.data_dir))
-  raise ValueError(f"source must be 'local' or 'tfds', got {config.source!r}")
+  if config.source == "mock":
+    return [data_lib.tasks.from_tfds(config.task, r)
+            for r in mock_records(config.task, split)]
+  raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
+
+
+def is_seq2seq(config: FinetuneConfig) -> bool:
+  return config.family == "t5"
+
+
+def _load_t5(path: str, model_config: t5.T5Config, mesh) -> t5.T5:
+  hf = (path.endswith((".safetensors", ".json")) or any(
+      os.path.exists(os.path.join(path, name))
+      for name in (t5_loader.HF_SINGLE_FILE, t5_loader.HF_INDEX_FILE)))
+  if hf:
+    return t5_loader.load_hf_safetensors(path, model_config, mesh)
+  return t5_loader.load_t5x_checkpoint(path, model_config, mesh)
 
 
 def build_model(config: FinetuneConfig, tokenizer, mesh) -> nnx.Module:
-  model_config = gemma.PRESETS[config.model]()
+  family = FAMILIES[config.family]
+  model_config = family.PRESETS[config.model]()
   model_config = dataclasses.replace(
       model_config, dtype=jnp.dtype(config.compute_dtype),
       **({"vocab_size": tokenizer.vocab_size} if config.checkpoint is None
          else {}))
-  if config.checkpoint is not None:
+  if config.checkpoint is not None and config.family == "t5":
+    model = _load_t5(config.checkpoint, model_config, mesh)
+  elif config.checkpoint is not None:
     model = gemma_loader.load_gemma_checkpoint(config.checkpoint, model_config,
                                                mesh)
   else:
     # No released weights: a randomly initialised base (CPU smoke runs).
+    module = t5.T5 if config.family == "t5" else gemma.Gemma
     with nnx.use_eager_sharding(False):
-      model = gemma.Gemma(model_config, rngs=nnx.Rngs(config.seed))
+      model = module(model_config, rngs=nnx.Rngs(config.seed))
   inject_lora(model, config.lora_rank, config.lora_alpha,
-              gemma.lora_targets(attn=config.lora_attn, mlp=config.lora_mlp),
+              family.lora_targets(attn=config.lora_attn, mlp=config.lora_mlp),
               rngs=nnx.Rngs(config.seed + 1))
   return model
 
 
+def build_schedule(config: FinetuneConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate``, then ``config.schedule``
+  (cosine or linear decay to 0 at ``steps``, or constant)."""
+  lr, warmup = config.learning_rate, config.warmup_steps
+  total = max(config.steps, warmup + 1)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+  after = (optax.linear_schedule(lr, 0.0, total - warmup)
+           if config.schedule == "linear" else optax.constant_schedule(lr))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
 def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps,
-      max(config.steps, config.warmup_steps + 1))
-  inner = rite_optax.get_optimizer(config.optimizer, schedule,
+  inner = rite_optax.get_optimizer(config.optimizer, build_schedule(config),
                                    **json.loads(config.hparams))
   if config.clip_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), inner)
   return inner
 
 
-class MetricsLog:
-  """``metrics.jsonl``, TensorBoard events and ``loss.png`` of a run."""
+def make_batches(config: FinetuneConfig, tokenizer, examples,
+                 **kwargs) -> data_lib.Batches:
+  """The run's batches: decoder-only, or seq2seq for the t5 family."""
+  seq2seq = {}
+  if is_seq2seq(config):
+    seq2seq = dict(seq2seq=True,
+                   max_target_len=config.max_target_len or config.max_len)
+  return data_lib.Batches(examples, tokenizer, batch_size=config.batch_size,
+                          max_len=config.max_len, **seq2seq, **kwargs)
 
-  def __init__(self, output_dir: pathlib.Path):
-    from tensorboardX import SummaryWriter  # an experiments dependency
+
+def place_batch(batch, mesh) -> dict[str, jax.Array]:
+  """A global batch (the same on every process) as arrays split over the
+  mesh's ``("data", "fsdp")``; each process fills only its own devices'
+  rows, so this is right for any device order of a multi-host mesh."""
+  if jax.process_count() == 1:
+    return step_lib.shard_batch(batch, mesh)
+  target = sharding.batch_sharding(mesh)
+  return {name: jax.make_array_from_callback(
+      np.shape(x), target, lambda index, x=np.asarray(x): x[index])
+          for name, x in batch.items()}
+
+
+class OnMesh:
+  """An iterator of global batches that yields them placed on the mesh, with
+  the wrapped iterator's resumable ``state``/``restore``."""
+
+  def __init__(self, batches: data_lib.Batches, mesh):
+    self.batches, self.mesh = batches, mesh
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return place_batch(next(self.batches), self.mesh)
+
+  def state(self):
+    return self.batches.state()
+
+  def restore(self, state) -> None:
+    self.batches.restore(state)
+
+
+class MetricsLog:
+  """``metrics.jsonl``, TensorBoard events and ``loss.png`` of a run.
+
+  With ``enabled=False`` (every process but the first of a multi-host run)
+  only the in-memory history is kept and nothing is written.
+  """
+
+  def __init__(self, output_dir: pathlib.Path, enabled: bool = True):
     self.output_dir = output_dir
-    self.writer = SummaryWriter(str(output_dir / "tb"))
+    self.enabled = enabled
     self.history: dict[str, list[tuple[int, float]]] = {}
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # an experiments dependency
+    self.writer = SummaryWriter(str(output_dir / "tb"))
     path = output_dir / "metrics.jsonl"
     if path.exists():  # a resumed run: its curves continue the earlier ones
       for line in path.read_text().splitlines():
@@ -187,12 +449,17 @@ class MetricsLog:
 
   def log(self, step: int, values: dict[str, float]) -> None:
     for name, value in values.items():
-      self.writer.add_scalar(name, value, step)
       self.history.setdefault(name, []).append((step, value))
-    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self.jsonl.flush()
+      if self.enabled:
+        self.writer.add_scalar(name, value, step)
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self.jsonl.flush()
 
   def plot(self) -> pathlib.Path:
+    path = self.output_dir / "loss.png"
+    if not self.enabled:
+      return path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -205,21 +472,22 @@ class MetricsLog:
     ax.set_ylabel("loss (token mean over targets)")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = self.output_dir / "loss.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
   def close(self) -> None:
-    self.writer.close()
-    self.jsonl.close()
+    if self.enabled:
+      self.writer.close()
+      self.jsonl.close()
 
 
 # The settings that define the checkpointed state: a run may only resume
 # from checkpoints written with the same ones.
-STATE_FIELDS = ("model", "checkpoint", "lora_rank", "lora_alpha", "lora_attn",
-                "lora_mlp", "optimizer", "hparams", "clip_grad_norm", "task",
-                "source", "train_split", "batch_size", "max_len", "seed")
+STATE_FIELDS = ("model", "family", "checkpoint", "lora_rank", "lora_alpha",
+                "lora_attn", "lora_mlp", "optimizer", "hparams",
+                "clip_grad_norm", "task", "source", "train_split", "batch_size",
+                "max_len", "seed")
 
 
 def check_resumable(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
@@ -229,30 +497,143 @@ def check_resumable(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
           and (output_dir / "checkpoints").exists()):
     return
   before = json.loads(saved.read_text())
-  changed = [f for f in STATE_FIELDS if before.get(f) != getattr(config, f)]
+  # A field the saved config lacks (written before the field existed) had
+  # its default.
+  defaults = FinetuneConfig()
+  before = {f: before.get(f, getattr(defaults, f)) for f in STATE_FIELDS}
+  changed = [f for f in STATE_FIELDS if before[f] != getattr(config, f)]
   if changed:
     raise ValueError(
         f"{output_dir} holds checkpoints of a run with other "
-        + ", ".join(f"{f}={before.get(f)!r}" for f in changed)
+        + ", ".join(f"{f}={before[f]!r}" for f in changed)
         + "; choose another --output-dir or pass --resume false")
+
+
+# --- mT5 (seq2seq) task metrics ---------------------------------------------
+# rite_optax.train.eval scores decoder-only models; these are the same
+# metrics for an encoder-decoder: the prompt is the encoder input, a choice
+# or the generation is the decoder's.
+
+
+@nnx.jit
+def _seq2seq_log_likelihood(model, batch):
+  logits = model(batch["inputs"], batch["decoder_inputs"],
+                 batch["encoder_mask"], batch["decoder_mask"])
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  token_ll = jnp.take_along_axis(log_probs, batch["targets"][..., None],
+                                 axis=-1)[..., 0]
+  return jnp.sum(token_ll * batch["loss_mask"], axis=-1)
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos_id"))
+def _seq2seq_generate(model, inputs, encoder_mask, max_new_tokens: int,
+                      eos_id: int):
+  """Greedy decoding without a KV cache: ``(B, max_new_tokens)`` ids."""
+  encoded = model.encode(inputs, encoder_mask)
+  batch = inputs.shape[0]
+  # Column 0 is T5's start token (the pad id 0); column i + 1 is generated
+  # at step i. The causal mask keeps the unwritten tail out of position i.
+  buffer = jnp.zeros((batch, max_new_tokens + 1), jnp.int32)
+  done = ~jnp.any(encoder_mask, axis=1)
+
+  def unfinished(state):
+    step, _, done = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def generate_one(state):
+    step, buffer, done = state
+    logits = model.decode(buffer[:, :-1], encoded, encoder_mask)
+    last = jax.lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False)
+    token = jnp.where(done, 0, jnp.argmax(last, axis=-1).astype(jnp.int32))
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None],
+                                                 step + 1, axis=1)
+    return step + 1, buffer, done | (token == eos_id)
+
+  _, buffer, _ = jax.lax.while_loop(unfinished, generate_one,
+                                    (jnp.int32(0), buffer, done))
+  return buffer[:, 1:]
+
+
+def _fetch(x) -> np.ndarray:
+  """A jit output on the host, also when it spans the hosts of a slice."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=all
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _seq2seq_rows(config, tokenizer, pairs):
+  """Fixed-size seq2seq batches of (prompt, target) pairs, in order."""
+  max_target = config.max_target_len or config.max_len
+  buckets = data_lib.bucket_lengths(config.max_len)
+  target_buckets = data_lib.bucket_lengths(max_target)
+  for start in range(0, len(pairs), config.batch_size):
+    rows = [data_lib.encode_seq2seq(tokenizer, p, t, config.max_len,
+                                    max_target)
+            for p, t in pairs[start:start + config.batch_size]]
+    yield len(rows), data_lib.pipeline.pad_seq2seq(
+        rows, data_lib.pipeline.bucket_for(
+            max(len(r["inputs"]) for r in rows), buckets),
+        data_lib.pipeline.bucket_for(
+            max(len(r["targets"]) for r in rows), target_buckets),
+        config.batch_size, tokenizer.eos_id)
+
+
+def seq2seq_metrics(config, model, tokenizer, examples) -> dict[str, float]:
+  """The task's metric for the t5 family (see :func:`evaluate`)."""
+  task = data_lib.tasks.canonical_task(config.task)
+  if task in MULTIPLE_CHOICE:
+    pairs = [(ex["prompt"], c) for ex in examples for c in ex["choices"]]
+    scores = np.concatenate([
+        _fetch(_seq2seq_log_likelihood(model, batch))[:n]
+        for n, batch in _seq2seq_rows(config, tokenizer, pairs)])
+    correct = correct_norm = offset = 0
+    for ex in examples:
+      ll = scores[offset:offset + len(ex["choices"])]
+      offset += len(ex["choices"])
+      lengths = np.array([len(c) for c in ex["choices"]], np.float64)
+      correct += int(np.argmax(ll)) == int(ex["answer"])
+      correct_norm += int(np.argmax(ll / lengths)) == int(ex["answer"])
+    return {"eval/acc": correct / len(examples),
+            "eval/acc_norm": correct_norm / len(examples)}
+  if task not in ("gsm8k", "natural_instructions"):
+    return {}
+  predictions = []
+  for n, batch in _seq2seq_rows(
+      config, tokenizer, [(ex["prompt"], "") for ex in examples]):
+    ids = _fetch(_seq2seq_generate(
+        model, batch["inputs"], batch["encoder_mask"],
+        max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_id))
+    for row in ids[:n].tolist():
+      if tokenizer.eos_id in row:
+        row = row[:row.index(tokenizer.eos_id)]
+      predictions.append(tokenizer.decode(row))
+  pairs = list(zip(predictions, examples))
+  if task == "gsm8k":
+    return {"eval/accuracy": sum(eval_lib.gsm8k_exact_match(p, ex["answer"])
+                                 for p, ex in pairs) / len(pairs)}
+  return {"eval/exact_match": sum(eval_lib.exact_match(p, ex["answer"])
+                                  for p, ex in pairs) / len(pairs),
+          "eval/rouge_l": sum(eval_lib.rouge_l(p, ex["answer"])
+                              for p, ex in pairs) / len(pairs)}
 
 
 def evaluate(config, setup, params, eval_step, eval_examples, tokenizer,
              mesh) -> dict[str, float]:
   """Held-out loss, and the task's metric on ``eval_examples`` examples."""
-  batches = data_lib.Batches(eval_examples, tokenizer,
-                             batch_size=config.batch_size,
-                             max_len=config.max_len, shuffle=False,
-                             num_epochs=1, drop_remainder=False)
+  batches = make_batches(config, tokenizer, eval_examples, shuffle=False,
+                         num_epochs=1, drop_remainder=False)
   loss_sum = tokens = 0.0
   for batch in batches:
-    out = eval_step(setup.frozen, params, step_lib.shard_batch(batch, mesh))
+    out = eval_step(setup.frozen, params, place_batch(batch, mesh))
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])
   results = {"eval/loss": loss_sum / max(tokens, 1.0)}
   model = nnx.merge(setup.graphdef, params, setup.frozen)
   task = data_lib.tasks.canonical_task(config.task)
-  if task in MULTIPLE_CHOICE:
+  if is_seq2seq(config):
+    results.update(seq2seq_metrics(config, model, tokenizer, eval_examples))
+  elif task in MULTIPLE_CHOICE:
     scores = eval_lib.multiple_choice_accuracy(
         model, tokenizer, eval_examples, batch_size=config.batch_size,
         max_length=config.max_len)
@@ -268,17 +649,41 @@ def evaluate(config, setup, params, eval_step, eval_examples, tokenizer,
   return results
 
 
+class FitResult(NamedTuple):
+  """What :func:`fit` returns.
+
+  Attributes:
+    history: ``{metric: [(step, value), ...]}``, what :func:`run` returns.
+    state: the last :class:`rite_optax.train.step.TrainState`.
+    initial_params: the LoRA factors before training, on the host; only with
+      ``keep_initial_params=True`` (single process), else None.
+  """
+
+  history: dict[str, list[tuple[int, float]]]
+  state: Any
+  initial_params: Any
+
+
 def run(config: FinetuneConfig) -> dict[str, Any]:
   """Fine-tune, evaluating every ``eval_every`` steps; returns the history."""
+  return fit(config).history
+
+
+def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
+        ) -> FitResult:
+  """:func:`run`, returning the final state too (and the initial factors)."""
   from tqdm.auto import tqdm  # an experiments dependency
 
+  validate(config)
   step_lib.initialize_distributed()
+  lead = jax.process_index() == 0
   output_dir = pathlib.Path(config.output_dir or (
       f"runs/{config.model}-{config.task}-{config.optimizer}"))
   output_dir.mkdir(parents=True, exist_ok=True)
   check_resumable(config, output_dir)
-  (output_dir / "config.json").write_text(
-      json.dumps(dataclasses.asdict(config), indent=2))
+  if lead:
+    (output_dir / "config.json").write_text(
+        json.dumps(dataclasses.asdict(config), indent=2))
   mesh = build_mesh(config.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
   if config.batch_size % shards:
@@ -294,20 +699,23 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
   model = build_model(config, tokenizer, mesh)
   tx = build_optimizer(config)
   setup = step_lib.create_train_state(model, tx, mesh)
+  initial_params = (jax.tree.map(np.array, jax.device_get(setup.state.params))
+                    if keep_initial_params else None)
   compute_dtype = jnp.dtype(config.compute_dtype)
+  loss_fn = (step_lib.seq2seq_loss_sums if is_seq2seq(config)
+             else step_lib.decoder_loss_sums)
   train_step = step_lib.make_train_step(
       setup.graphdef, tx, mesh, setup.shardings,
-      grad_accum_steps=config.grad_accum_steps, compute_dtype=compute_dtype)
+      grad_accum_steps=config.grad_accum_steps, compute_dtype=compute_dtype,
+      loss_fn=loss_fn)
   eval_step = step_lib.make_eval_step(setup.graphdef, mesh, setup.shardings,
-                                      compute_dtype=compute_dtype)
-  batches = data_lib.Batches(train_examples, tokenizer,
-                             batch_size=config.batch_size,
-                             max_len=config.max_len, seed=config.seed)
+                                      compute_dtype=compute_dtype,
+                                      loss_fn=loss_fn)
+  batches = make_batches(config, tokenizer, train_examples, seed=config.seed)
   efficiency = data_lib.padding_efficiency(
-      [next(iter(data_lib.Batches(train_examples, tokenizer,
-                                  batch_size=config.batch_size,
-                                  max_len=config.max_len, seed=config.seed)))])
-  log = MetricsLog(output_dir)
+      [next(iter(make_batches(config, tokenizer, train_examples,
+                              seed=config.seed)))])
+  log = MetricsLog(output_dir, enabled=lead)
   state = setup.state
   with ckpt_lib.Checkpoints(output_dir / "checkpoints",
                             max_to_keep=config.keep_checkpoints,
@@ -328,7 +736,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
           f"{efficiency:.2f}", file=sys.stderr)
 
     progress = tqdm(total=config.steps, initial=start, desc="fine-tune",
-                    dynamic_ncols=True, disable=None)
+                    dynamic_ncols=True, disable=None if lead else True)
     pending: list[tuple[int, dict]] = []
 
     def flush():
@@ -354,8 +762,9 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
       while step < config.steps:
         stop = min(config.steps, (step // config.eval_every + 1)
                    * config.eval_every)
-        result = ckpt_lib.train_loop(train_step, setup.frozen, state, batches,
-                                     checkpoints, num_steps=stop, guard=guard,
+        result = ckpt_lib.train_loop(train_step, setup.frozen, state,
+                                     OnMesh(batches, mesh), checkpoints,
+                                     num_steps=stop, guard=guard,
                                      on_step=on_step)
         state, step = result.state, result.step
         flush()
@@ -372,7 +781,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
   log.close()
   print(f"done in {time.perf_counter() - wall:.0f}s: {output_dir} "
         f"(TensorBoard events in tb/, curves in {plot.name})", file=sys.stderr)
-  return log.history
+  return FitResult(log.history, state, initial_params)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -71,3 +71,36 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
                      r"data x fsdp x grad_accum_steps = 8"):
     finetune.main(["--batch-size", "4", "--mesh", "8,1,1", "--output-dir",
                    str(tmp_path)])
+
+
+def test_the_schedules_warm_up_linearly_then_decay_or_stay():
+  def at(schedule, *steps):
+    config = finetune.FinetuneConfig(learning_rate=1.0, warmup_steps=10,
+                                     steps=110, schedule=schedule)
+    return [float(finetune.build_schedule(config)(s)) for s in steps]
+
+  assert at("linear", 0, 5, 10, 60, 110) == pytest.approx([0, .5, 1, .5, 0])
+  assert at("cosine", 5, 10, 60, 110) == pytest.approx([.5, 1, .5, 0])
+  assert at("constant", 5, 10, 60, 110) == pytest.approx([.5, 1, 1, 1])
+
+
+def test_checkpoints_saved_before_the_family_field_still_resume(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  config = finetune.FinetuneConfig()
+  saved = finetune.dataclasses.asdict(config)
+  del saved["family"]  # a config.json written before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  finetune.check_resumable(config, tmp_path)
+  with pytest.raises(ValueError, match="other family='gemma'"):
+    finetune.check_resumable(
+        finetune.dataclasses.replace(config, family="t5"), tmp_path)
+
+
+def test_mesh_specs():
+  assert finetune.mesh_sizes("auto", 8) == (8, 1, 1)
+  assert finetune.mesh_sizes("2,-1,1", 8) == (2, 4, 1)
+  for bad in ("2,2", "-1,-1,1", "0,1,1", "a,b,c"):
+    with pytest.raises(ValueError, match="mesh must be"):
+      finetune.mesh_sizes(bad, 8)
+  with pytest.raises(ValueError, match="do not divide"):
+    finetune.mesh_sizes("3,-1,1", 8)
