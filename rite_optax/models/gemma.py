@@ -196,6 +196,28 @@ def tiny_gemma2(**overrides: Any) -> GemmaConfig:
       sliding_window=8), **overrides)
 
 
+def small(**overrides: Any) -> GemmaConfig:
+  """The byte-level base of the CPU comparison (``experiments/compare.py``).
+
+  Gemma's architecture (multi-query attention, GeGLU, tied embedding) at
+  0.4M parameters with the byte vocabulary (264,
+  :class:`rite_optax.data.ByteTokenizer`), so that ``experiments/pretrain.py``
+  pretrains it on two CPU cores in minutes and a checkpoint of it loads with
+  ``--model small --checkpoint DIR`` like a released one.
+  """
+  return dataclasses.replace(GemmaConfig(
+      num_layers=4, d_model=96, num_heads=2, num_kv_heads=1, head_dim=32,
+      mlp_dim=256, vocab_size=264), **overrides)
+
+
+def mini(**overrides: Any) -> GemmaConfig:
+  """:func:`small` cut to two narrower layers: the base of quick runs and
+  tests of ``experiments/compare.py``."""
+  return dataclasses.replace(GemmaConfig(
+      num_layers=2, d_model=64, num_heads=2, num_kv_heads=1, head_dim=32,
+      mlp_dim=128, vocab_size=264), **overrides)
+
+
 PRESETS = {
     "gemma_2b": gemma_2b,
     "gemma_7b": gemma_7b,
@@ -204,6 +226,8 @@ PRESETS = {
     "gemma2_27b": gemma2_27b,
     "tiny": tiny,
     "tiny_gemma2": tiny_gemma2,
+    "small": small,
+    "mini": mini,
 }
 
 
