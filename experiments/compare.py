@@ -679,9 +679,6 @@ def readme(report: dict[str, Any]) -> str:
         f"* Seeds 0..{cfg['seeds'] - 1} (LoRA init and data order); the lr "
         f"grid runs on the first {min(cfg['grid_seeds'], cfg['seeds'])}, "
         f"the best lr (lowest mean final held-out loss) on all.")
-    head.append("* Learning-rate grids: " + "; ".join(
-        f"`{n}` {', '.join(_lr(x) for x in lrs)}"
-        for n, lrs in cfg["lr_grids"].items()) + ".")
   else:
     head.append(
         f"* Teacher: `experiments/lowrank_demo.py`'s random tanh MLP "
@@ -691,9 +688,9 @@ def readme(report: dict[str, Any]) -> str:
         f"and {cfg['batch']} held-out inputs; float64; cosine decay, no "
         f"clipping; {cfg['steps']} steps, seeds 0..{cfg['seeds'] - 1} on "
         f"every lr.")
-    head.append("* Learning-rate grids: " + "; ".join(
-        f"`{n}` {', '.join(_lr(x) for x in lrs)}"
-        for n, lrs in cfg["lr_grids"].items()) + ".")
+  head.append("* Learning-rate grids: " + "; ".join(
+      f"`{n}` {', '.join(_lr(x) for x in lrs)}"
+      for n, lrs in cfg["lr_grids"].items()) + ".")
   head.append(f"* Wall time: {report['wall_time_s'] / 60:.1f} min.")
   head.append(f"* Command: `{report['command']}`")
   head.append(f"* Machine: {m['processor']}, {m['cpu_count']} CPUs "

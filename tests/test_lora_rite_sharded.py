@@ -7,7 +7,8 @@ all-reduced to ``r x r``), and everything else is either a product with an
 factor would show up here as an all-gather of ``rows x r`` elements.
 """
 
-import re
+import pathlib
+import sys
 
 import chex
 import jax
@@ -19,14 +20,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import lora_problems as lp
 import rite_optax
 
+# The benchmark's HLO reading, so that the test checks what it reports.
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
+from bench_optimizers import MOVING, collectives_in  # noqa: E402
+
 RANK = 4
 # Long axes much longer than r^2, so that a factor-sized collective cannot be
 # mistaken for an r x r one.
 SHAPES = {"attn": (512, 1024), "mlp": (1024, 256)}
 LAYERS = 3  # the "mlp" adapter is stacked: a leading layer axis
-# Ops that move (parts of) an operand between devices without reducing it.
-MOVING = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
-          "ragged-all-to-all", "collective-broadcast")
 
 
 def _tree(seed):
@@ -66,23 +68,6 @@ def _state_specs(tx, params):
   return jax.tree.map(spec, jax.eval_shape(tx.init, params))
 
 
-def _collectives(hlo: str):
-  """``(op, largest array in its result, in elements)`` per collective."""
-  found = []
-  for line in hlo.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%\S+ = (.*?) ([a-z\-]+)\(", line)
-    if not m:
-      continue
-    result, op = m.groups()
-    op = op.removesuffix("-start").removesuffix("-done")
-    if op not in MOVING + ("all-reduce",):
-      continue
-    sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
-             for dims in re.findall(r"\w+\[([\d,]*)\]", result)]
-    found.append((op, max(sizes, default=0)))
-  return found
-
-
 def _sharded_update(tx, params):
   mesh = _mesh()
   named = lambda spec: NamedSharding(mesh, spec)
@@ -106,7 +91,7 @@ def test_sharded_update_moves_only_r_by_r_data(case):
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _tree(0))
   update, _, _ = _sharded_update(tx, params)
   hlo = update.lower(params, tx.init(params), params).compile().as_text()
-  collectives = _collectives(hlo)
+  collectives = collectives_in(hlo)
   assert collectives, "the Gram matrices must be all-reduced"
   moving = [c for c in collectives if c[0] in MOVING]
   assert not moving, f"factor data moved between devices: {moving}"
