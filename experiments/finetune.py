@@ -1,7 +1,7 @@
 """LoRA fine-tuning of Gemma or mT5 with any optimizer of the registry.
 
 The main job: ``python experiments/finetune.py`` fine-tunes the ``tiny``
-Gemma with LoRA-RITE on ARC-Challenge from ``../shared/data/llm_adapters``
+Gemma with LoRA-RITE on ARC-Challenge from the package's own task files
 on a CPU, with nothing downloaded, in a few minutes. The same script runs the
 paper's settings on TPU through presets, config files and command-line
 overrides::
@@ -80,7 +80,8 @@ class FinetuneConfig:
   lora_mlp: bool = True
   # Data.
   task: str = "arc_challenge"
-  # "local": ../shared/data/llm_adapters; "tfds"; "mock": generated records
+  # "local": the LLM-Adapters files shipped with the package; "tfds";
+  # "mock": generated records
   # in the task's TFDS format (dry runs and tests, nothing read from disk).
   source: str = "local"
   data_dir: Optional[str] = None

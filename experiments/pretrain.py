@@ -89,7 +89,7 @@ class PretrainConfig:
   val_windows: int = 256  # held-out windows scored (the first ones)
   log_every: int = 50
   seed: int = 0
-  data_dir: Optional[str] = None  # default: ../shared/data/llm_adapters
+  data_dir: Optional[str] = None  # default: the package's copy
 
 
 QUICK = dict(model="mini", steps=120, batch_size=16, max_len=128,

@@ -12,9 +12,9 @@ from rite_optax.data import pipeline
 from rite_optax.data import tasks
 from rite_optax.data import tokenizers
 
-# CI clones the repository with shared/ beside it, as on the dev machines.
-LOCAL_DIR = (Path(__file__).parents[1] / ".." / "shared" / "data"
-             / "llm_adapters")
+# The copy shipped as package data (tests/test_packaging.py checks a wheel
+# carries it).
+LOCAL_DIR = tasks.default_local_dir()
 NUM_MOCK = 12
 BYTES = tokenizers.ByteTokenizer()
 

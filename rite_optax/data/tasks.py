@@ -34,6 +34,7 @@ Two sources:
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -364,12 +365,13 @@ def _mawps_example(record: Mapping[str, Any]) -> RawExample:
 
 
 def default_local_dir() -> Path:
-  """``$RITE_OPTAX_LLM_ADAPTERS``, else ``shared/data/llm_adapters`` beside
-  the repository checkout."""
+  """``$RITE_OPTAX_LLM_ADAPTERS``, else the copy shipped with the package
+  (``rite_optax/data/llm_adapters``, package data: a plain ``pip install``
+  has it)."""
   if os.environ.get(_ENV_DATA_DIR):
     return Path(os.environ[_ENV_DATA_DIR])
-  repo = Path(__file__).resolve().parents[2]
-  return (repo / ".." / "shared" / "data" / "llm_adapters").resolve()
+  return Path(str(importlib.resources.files("rite_optax.data")
+                  / "llm_adapters"))
 
 
 def load_local_task(name: str, split: str,
