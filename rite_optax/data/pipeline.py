@@ -67,7 +67,8 @@ class RawExamples(collections.abc.Sequence):
       return [self[i] for i in range(*index.indices(len(self)))]
     try:
       return self._convert(self._records[index])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      # A malformed record: name the source and the record, whatever broke.
       raise ValueError(f"{self.name}[{index}]: {e}") from e
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -80,6 +81,13 @@ MULTIPLE_CHOICE = ("hellaswag", "arc_challenge", "arc_easy", "openbookqa",
                    "boolq")
 
 _ENV_DATA_DIR = "RITE_OPTAX_LLM_ADAPTERS"
+
+# Records longer than this (all their text, in characters) are dropped with a
+# warning: the shipped files' longest is ~1,400, and a megabyte-long field is
+# a broken file that would only be cut at max_len after tokenizing it whole.
+MAX_RECORD_CHARS = 100_000
+
+logger = logging.getLogger(__name__)
 
 
 def canonical_task(name: str) -> str:
@@ -322,8 +330,10 @@ def local_example(task: str, record: Mapping[str, Any]) -> RawExample:
   """
   task = canonical_task(task)
   if task == "mawps":
+    _check_fields(record, _MAWPS_FIELDS)
     return _mawps_example(record)
-  prompt = alpaca_prompt(record["instruction"], record.get("input", ""))
+  _check_fields(record, _FIELDS)
+  prompt = alpaca_prompt(record["instruction"], record.get("input") or "")
   target = record["output"].strip()
   gold = str(record["answer"]).strip()
   if task in ("arc_challenge", "arc_easy", "openbookqa"):
@@ -347,11 +357,55 @@ def local_example(task: str, record: Mapping[str, Any]) -> RawExample:
             "answer": normalize_number(gold)}
   else:
     raise ValueError(f"no local conversion for task {task!r}")
-  # Train on the file's own output; it equals the gold choice here.
+  # Train on the file's own output, which must be the gold choice's: one
+  # that names another choice would teach the wrong answer.
+  if target != _output_form(gold):
+    raise ValueError(f"output {target!r} contradicts answer {gold!r} "
+                     f"(expected {_output_form(gold)!r})")
   example["target"] = target
   example["choice_texts"] = texts
   example["question"] = question
   return example
+
+
+# Field -> the types a record's value may have (LLM-Adapters' numeric answers
+# are numbers in some files, strings in others).
+_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "instruction": (str,), "output": (str,), "answer": (str, int, float)}
+_MAWPS_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "original_text": (str,), "equation": (str,), "ans": (str, int, float)}
+
+
+def _check_fields(record: Any, fields: Mapping[str, tuple[type, ...]]) -> None:
+  """Raise a ValueError naming what is wrong with ``record``'s shape."""
+  if not isinstance(record, Mapping):
+    kind = "null" if record is None else f"a JSON {_json_kind(record)}"
+    raise ValueError(f"the record is {kind}; expected an object with fields "
+                     f"{', '.join(fields)}")
+  for name, types in fields.items():
+    if name not in record:
+      raise ValueError(f"no {name!r} field (the record has: "
+                       f"{', '.join(map(str, record)) or 'no fields'})")
+    value = record[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+      expected = " or ".join(dict.fromkeys(_json_kind(t()) for t in types))
+      raise ValueError(f"{name!r} is {_json_kind(value)} {value!r:.80}; "
+                       f"expected {expected}")
+  if not isinstance(record.get("input", ""), (str, type(None))):
+    raise ValueError(f"'input' is {_json_kind(record['input'])}; expected a "
+                     f"string")
+
+
+def _json_kind(value: Any) -> str:
+  """What ``value`` is called in JSON: ``null``, ``a string``, ..."""
+  if value is None:
+    return "null"
+  for types, name in (((bool,), "a boolean"), ((str,), "a string"),
+                      ((int, float), "a number"), ((list,), "a list"),
+                      ((dict,), "an object")):
+    if isinstance(value, types):
+      return name
+  return type(value).__name__
 
 
 def _mawps_example(record: Mapping[str, Any]) -> RawExample:
@@ -375,7 +429,8 @@ def default_local_dir() -> Path:
 
 
 def load_local_task(name: str, split: str,
-                    data_dir: Union[str, os.PathLike, None] = None
+                    data_dir: Union[str, os.PathLike, None] = None, *,
+                    max_record_chars: int = MAX_RECORD_CHARS
                     ) -> list[RawExample]:
   """The raw examples of a local LLM-Adapters file (:data:`LOCAL_FILES`).
 
@@ -384,6 +439,15 @@ def load_local_task(name: str, split: str,
       ``gsm8k`` or ``mawps`` (hyphens accepted).
     split: ``"train"`` or ``"test"``; GSM8K's train is ``math_data.json``.
     data_dir: the folder of the JSON files; default :func:`default_local_dir`.
+    max_record_chars: records with more text than this are dropped, with one
+      warning naming the file, their count and indices.
+
+  Raises:
+    FileNotFoundError: the file is missing.
+    ValueError: the file is not a UTF-8 JSON list of records, or a record is
+      malformed (not an object, a field missing or of the wrong type, an
+      unparsable multiple-choice instruction, an output that contradicts the
+      answer); the message starts with ``<file>`` or ``<file>[<index>]``.
   """
   task = canonical_task(name)
   if (task, split) not in LOCAL_FILES:
@@ -394,12 +458,100 @@ def load_local_task(name: str, split: str,
     raise FileNotFoundError(
         f"{path}: LLM-Adapters file not found; pass data_dir (--data-dir) or "
         f"set ${_ENV_DATA_DIR} to the folder of the JSON files")
-  with open(path, encoding="utf-8") as f:
-    records = json.load(f)
-  examples = []
+  records = read_json_records(path)
+  examples, too_long, disagree = [], [], []
   for i, record in enumerate(records):
+    if isinstance(record, Mapping) and _record_chars(record) > max_record_chars:
+      too_long.append(i)
+      continue
     try:
-      examples.append(local_example(task, record))
-    except ValueError as e:
+      example = local_example(task, record)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f"{path}[{i}]: {e}") from e
+    if (task == "gsm8k" and split == "train"
+        and final_number(example["target"]) != example["answer"]):
+      disagree.append(i)
+    examples.append(example)
+  if too_long:
+    logger.warning("%s: dropped %d of %d records longer than %d characters "
+                   "(records %s)", path, len(too_long), len(records),
+                   max_record_chars, _some(too_long))
+  if disagree:
+    # Generated rationales (a quarter of math_data.json): kept, as
+    # LLM-Adapters trains on them, but not silently.
+    logger.warning("%s: %d of %d worked answers end at a number other than "
+                   "the record's answer (records %s)", path, len(disagree),
+                   len(records), _some(disagree))
+  if not examples:
+    raise ValueError(f"{path}: no records left of {len(records)} after "
+                     f"dropping those longer than {max_record_chars} "
+                     f"characters")
   return examples
+
+
+def _some(indices: Sequence[int], shown: int = 5) -> str:
+  more = f", ... ({len(indices) - shown} more)" if len(indices) > shown else ""
+  return ", ".join(map(str, indices[:shown])) + more
+
+
+def _record_chars(record: Mapping[str, Any]) -> int:
+  return sum(len(v) if isinstance(v, str) else len(str(v))
+             for v in record.values())
+
+
+def read_json_records(path: Union[str, os.PathLike]) -> list[Any]:
+  """The list of records of a JSON file, or a ValueError naming the place.
+
+  Errors name the file and, where one is to blame, the record: bytes that
+  are not UTF-8 (offset, line), invalid JSON (line, column, and the index of
+  the record it is in), an empty file, a top level that is not a non-empty
+  list.
+  """
+  raw = Path(path).read_bytes()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: not UTF-8: byte {raw[e.start]:#04x} at offset "
+                     f"{e.start} (line {line}): {e.reason}") from None
+  if not text.strip():
+    raise ValueError(f"{path}: the file is empty; expected a JSON list of "
+                     f"records")
+  try:
+    records = json.loads(text)
+  except json.JSONDecodeError as e:
+    record = _record_at(text, e.pos)
+    where = f", {record}" if record is not None else ""
+    raise ValueError(f"{path}: invalid JSON at line {e.lineno} column "
+                     f"{e.colno}{where}: {e.msg}") from None
+  if not isinstance(records, list):
+    keys = (f" (keys: {_some(list(records))})"
+            if isinstance(records, dict) else "")
+    raise ValueError(f"{path}: the top level is {_json_kind(records)}"
+                     f"{keys}; expected a list of records")
+  if not records:
+    raise ValueError(f"{path}: the list of records is empty")
+  return records
+
+
+def _record_at(text: str, error_pos: int) -> Optional[str]:
+  """Where ``error_pos`` is in the top-level list: ``"in record [3]"``, or
+  ``"after record [3]"`` (a lost comma); None if the top is not a list."""
+  decoder = json.JSONDecoder()
+  whitespace = re.compile(r"\s*")
+  pos = whitespace.match(text).end()
+  if not text.startswith("[", pos):
+    return None
+  pos, index = pos + 1, 0
+  while True:
+    pos = whitespace.match(text, pos).end()
+    try:
+      _, end = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError:
+      return f"in record [{index}]"
+    if end > error_pos:
+      return f"in record [{index}]"
+    pos = whitespace.match(text, end).end()
+    if pos >= error_pos or not text.startswith(",", pos):
+      return f"after record [{index}]"
+    pos, index = pos + 1, index + 1
