@@ -65,8 +65,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 ROOT = EXPERIMENTS.parent
-if str(EXPERIMENTS) not in sys.path:
-  sys.path.insert(0, str(EXPERIMENTS))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -74,8 +72,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
+import pretrain  # noqa: E402  (experiments/, beside this script)
 import synthetic  # noqa: E402
 import rite_optax  # noqa: E402
 from rite_optax import data as data_lib  # noqa: E402
@@ -84,7 +81,9 @@ from rite_optax.models import inject_lora  # noqa: E402
 from rite_optax.models import merge_lora  # noqa: E402
 from rite_optax.models import sharding  # noqa: E402
 from rite_optax.train import eval as eval_lib  # noqa: E402
+from rite_optax.train import finetune  # noqa: E402
 from rite_optax.train import step as step_lib  # noqa: E402
+from rite_optax.train import sweep  # noqa: E402
 
 SETTINGS = ("cpu", "synthetic")
 
@@ -189,26 +188,6 @@ def _pick_middle(values: list[float], n: int) -> list[float]:
 # --- statistics -------------------------------------------------------------
 
 
-def _finite(x: Any) -> bool:
-  return x is not None and math.isfinite(float(x))
-
-
-def stats(values: Sequence[Optional[float]]) -> dict[str, Any]:
-  """``values``, their mean and sample std (None if any is not finite)."""
-  vals = [float(v) if _finite(v) else None for v in values]
-  if vals and all(v is not None for v in vals):
-    arr = np.asarray(vals)
-    return {"values": vals, "mean": float(arr.mean()),
-            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-  return {"values": vals, "mean": None, "std": None}
-
-
-def best_index(scores: Sequence[Optional[float]]) -> int:
-  """argmin with non-finite (diverged) scores last; ties to the first."""
-  keyed = [float(s) if _finite(s) else math.inf for s in scores]
-  return int(np.argmin(keyed))
-
-
 # --- the CPU setting --------------------------------------------------------
 
 
@@ -226,29 +205,22 @@ def lr_in_state_optimizer(name: str, config: finetune.FinetuneConfig,
 
   ``clip_by_global_norm`` then ``name`` with the warmup-cosine schedule of
   ``build_optimizer`` times ``state.hyperparams["learning_rate"]`` (set by
-  :func:`with_lr`): one compiled step serves every learning rate.
+  :func:`rite_optax.train.sweep.with_lr`): one compiled step serves every
+  learning rate.
   """
   unit = optax.warmup_cosine_decay_schedule(
       0.0, 1.0, config.warmup_steps,
       max(config.steps, config.warmup_steps + 1))
 
-  def factory(learning_rate):
-    inner = rite_optax.get_optimizer(
-        name, lambda count: learning_rate * unit(count), **hparams)
+  def make(schedule):
+    inner = rite_optax.get_optimizer(name, schedule, **hparams)
     if config.clip_grad_norm > 0:
       return optax.chain(optax.clip_by_global_norm(config.clip_grad_norm),
                          inner)
     return inner
 
-  return optax.inject_hyperparams(factory)(learning_rate=1.0)
+  return sweep.peak_lr_in_state(make, unit)
 
-
-def with_lr(opt_state, lr: float):
-  """``opt_state`` of :func:`lr_in_state_optimizer` with peak rate ``lr``."""
-  current = opt_state.hyperparams["learning_rate"]
-  value = jax.device_put(jnp.asarray(lr, current.dtype), current.sharding)
-  return opt_state._replace(
-      hyperparams={**opt_state.hyperparams, "learning_rate": value})
 
 
 def optimizer_hparams(name: str, settings: CpuSettings) -> dict[str, Any]:
@@ -340,18 +312,16 @@ class TaskContext:
   def accuracy(self, params) -> dict[str, float]:
     """The task metric on :attr:`acc_examples`."""
     model = nnx.merge(self.graphdef, params, self.frozen)
-    if self.spec.kind == "choice":
-      scores = eval_lib.multiple_choice_accuracy(
-          model, self.tokenizer, self.acc_examples,
-          batch_size=self.settings.eval_batch_size,
-          max_length=self.spec.max_len)
-      return {"accuracy": scores["acc"], "acc_norm": scores["acc_norm"]}
     n = self.settings.max_new_tokens
-    scores = eval_lib.gsm8k_accuracy(
-        model, self.tokenizer, self.acc_examples, n,
-        batch_size=min(self.settings.eval_batch_size,
-                       max(len(self.acc_examples), 1)),
+    scores = eval_lib.task_metrics(
+        model, self.tokenizer, self.task, self.acc_examples,
+        batch_size=self.settings.eval_batch_size, max_len=self.spec.max_len,
+        max_new_tokens=n,
+        generate_batch_size=min(self.settings.eval_batch_size,
+                                max(len(self.acc_examples), 1)),
         max_prompt_len=self.spec.max_len - n)
+    if self.spec.kind == "choice":
+      return {"accuracy": scores["acc"], "acc_norm": scores["acc_norm"]}
     return {"accuracy": scores["accuracy"]}
 
   def majority_rate(self) -> Optional[float]:
@@ -386,7 +356,7 @@ class OptimizerRuns:
   def initial_state(self, lr: float, seed: int) -> step_lib.TrainState:
     params = jax.device_put(self.ctx.lora_params(seed),
                             self.state_shardings.params)
-    opt_state = with_lr(self._init(params), lr)
+    opt_state = sweep.with_lr(self._init(params), lr)
     step = jax.device_put(jnp.zeros([], jnp.int32), self.state_shardings.step)
     return step_lib.TrainState(step, params, opt_state)
 
@@ -425,10 +395,11 @@ def compare_optimizer(runs: OptimizerRuns, settings: CpuSettings,
   for lr in settings.grid(runs.name):
     for seed in grid_seeds:
       done[lr, seed] = runs.run(lr, seed)
-    losses = stats([done[lr, s]["final_eval_loss"] for s in grid_seeds])
+    losses = sweep.stats([done[lr, s]["final_eval_loss"]
+                          for s in grid_seeds])
     grid.append({"lr": lr, "seeds": grid_seeds, "eval_loss": losses["values"],
                  "mean_eval_loss": losses["mean"]})
-  best = best_index([g["mean_eval_loss"] for g in grid])
+  best = sweep.best_index([g["mean_eval_loss"] for g in grid])
   best_lr = grid[best]["lr"]
   for seed in seeds:
     if (best_lr, seed) not in done:
@@ -444,12 +415,13 @@ def compare_optimizer(runs: OptimizerRuns, settings: CpuSettings,
       "best_lr_at_grid_edge": len(grid) > 1 and best in (0, len(grid) - 1),
       "grid": grid,
       "seeds": seeds,
-      "eval_loss": stats([r["final_eval_loss"] for r in best_runs]),
-      "accuracy": stats([a["accuracy"] for a in accuracies]),
+      "eval_loss": sweep.stats([r["final_eval_loss"] for r in best_runs]),
+      "accuracy": sweep.stats([a["accuracy"] for a in accuracies]),
       "train_loss_mean": [float(v) if math.isfinite(v) else None
                           for v in train.mean(axis=0)],
       "eval_curve_mean": [
-          [s, stats([r["eval_curve"][i][1] for r in best_runs])["mean"]]
+          [s, sweep.stats([r["eval_curve"][i][1]
+                           for r in best_runs])["mean"]]
           for i, s in enumerate(eval_steps)],
       "runs": [{k: v for k, v in r.items() if k != "params"}
                for r in done.values()],
@@ -458,7 +430,7 @@ def compare_optimizer(runs: OptimizerRuns, settings: CpuSettings,
                  "accuracy_s": acc_s},
   }
   if "acc_norm" in accuracies[0]:
-    result["acc_norm"] = stats([a["acc_norm"] for a in accuracies])
+    result["acc_norm"] = sweep.stats([a["acc_norm"] for a in accuracies])
   log(f"  {runs.name:>12}: best lr {best_lr:g}, held-out loss "
       f"{_pm(result['eval_loss'])}, accuracy "
       f"{_pm(result['accuracy'], pct=True)} ({runs.compile_s:.0f}s compile, "
@@ -542,7 +514,7 @@ def run_synthetic(settings: synthetic.SyntheticSettings,
 
 
 def _fmt(x: Optional[float], digits: int = 4) -> str:
-  if not _finite(x):
+  if not sweep.is_finite(x):
     return "diverged"
   return f"{x:.{digits}g}" if abs(x) >= 1e-3 else f"{x:.2e}"
 

@@ -48,9 +48,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-import lowrank_demo  # experiments/, on sys.path via compare.py
+import lowrank_demo  # experiments/, beside this script
 import rite_optax
 from rite_optax import invariance
+from rite_optax.train import sweep
 
 # Per-optimizer learning-rate grids (half decades), each centred where the
 # method converges on this problem; lora_plus' B side runs 16x faster, and
@@ -102,22 +103,13 @@ def hyperparameters(name: str) -> dict[str, Any]:
 
 def make_optimizer(name: str, steps: int) -> optax.GradientTransformation:
   """``name`` with lowrank_demo's cosine decay, the peak learning rate in the
-  state (``state.hyperparams["learning_rate"]``, set by :func:`with_lr`)."""
-  unit = optax.cosine_decay_schedule(1.0, max(steps, 1))
+  state (``state.hyperparams["learning_rate"]``, set by
+  :func:`rite_optax.train.sweep.with_lr`)."""
+  return sweep.peak_lr_in_state(
+      lambda schedule: rite_optax.get_optimizer(name, schedule,
+                                                **hyperparameters(name)),
+      optax.cosine_decay_schedule(1.0, max(steps, 1)))
 
-  def factory(learning_rate):
-    return rite_optax.get_optimizer(
-        name, lambda count: learning_rate * unit(count),
-        **hyperparameters(name))
-
-  return optax.inject_hyperparams(factory)(learning_rate=1.0)
-
-
-def with_lr(opt_state, lr: float):
-  return opt_state._replace(hyperparams={
-      **opt_state.hyperparams,
-      "learning_rate": jnp.asarray(lr, opt_state.hyperparams[
-          "learning_rate"].dtype)})
 
 
 class Problem:
@@ -180,27 +172,12 @@ class Runner:
   def run(self, problem: Problem, lora: Any, lr: float) -> np.ndarray:
     """Held-out MSE at steps ``0..steps`` (one host sync)."""
     start = time.perf_counter()
-    opt_state = with_lr(self._init(lora), lr)
+    opt_state = sweep.with_lr(self._init(lora), lr)
     curve = self._run(lora, problem.rest, opt_state, *problem.data)
     curve = np.asarray(jax.device_get(curve), np.float64)
     if not self.compile_s:
       self.compile_s = time.perf_counter() - start
     return curve
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-  arr = np.asarray(values, np.float64)
-  finite = bool(np.all(np.isfinite(arr)))
-  return {"values": [float(v) if np.isfinite(v) else None for v in arr],
-          "mean": float(np.mean(arr)) if finite else None,
-          "std": float(np.std(arr, ddof=1)) if finite and len(arr) > 1
-          else (0.0 if finite else None)}
-
-
-def _score(final_losses: Sequence[float]) -> float:
-  """Mean final loss, +inf if any seed diverged (never the best)."""
-  arr = np.asarray(final_losses, np.float64)
-  return float(np.mean(arr)) if np.all(np.isfinite(arr)) else float("inf")
 
 
 def steps_to(curve: np.ndarray, fraction: float) -> Optional[int]:
@@ -229,18 +206,16 @@ def run_synthetic(settings: SyntheticSettings,
         for start, factors in starts.items():
           runs = [runner.run(p, f, lr) for p, f in zip(problems, factors)]
           curves[start, lr] = runs
-          entry[start] = _stats([c[-1] for c in runs])
+          entry[start] = sweep.stats([c[-1] for c in runs])
         grid.append(entry)
-      scores = [_score([c[-1] for c in curves["standard", e["lr"]]])
-                for e in grid]
-      best = int(np.argmin(scores))
+      best = sweep.best_index([e["standard"]["mean"] for e in grid])
       best_lr = grid[best]["lr"]
       per_start = {}
       for start in starts:
         runs = curves[start, best_lr]
         mean_curve = np.mean(np.stack(runs), axis=0)
         per_start[start] = {
-            "final_loss": _stats([c[-1] for c in runs]),
+            "final_loss": sweep.stats([c[-1] for c in runs]),
             "initial_loss": float(np.mean([c[0] for c in runs])),
             "steps_to_threshold": [steps_to(c, settings.threshold)
                                    for c in runs],

@@ -10,21 +10,20 @@ import math
 import pathlib
 import re
 import shlex
-import sys
 
+import compare  # sets OMP_NUM_THREADS before JAX runs LAPACK
 import jax
 import numpy as np
+import pretrain
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from rite_optax import data as data_lib
+from rite_optax.data import tasks as tasks_lib
+from rite_optax.train import finetune
+from rite_optax.train import step as step_lib
+from rite_optax.train import sweep
 
-import compare  # noqa: E402  (sets OMP_NUM_THREADS before JAX runs LAPACK)
-import finetune  # noqa: E402
-import pretrain  # noqa: E402
-from rite_optax import data as data_lib  # noqa: E402
-from rite_optax.data import tasks as tasks_lib  # noqa: E402
-from rite_optax.train import step as step_lib  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DATA = tasks_lib.default_local_dir()
 POISON = "POISON: a test split was read"
@@ -244,7 +243,7 @@ def test_quick_flags_keep_every_optimizer_with_fewer_runs():
 
 
 def test_best_lr_skips_diverged_runs():
-  assert compare.best_index([None, 0.5, 0.3, math.nan, math.inf]) == 2
-  assert compare.best_index([0.2, 0.2]) == 0
-  assert compare.stats([1.0, math.nan]) == {"values": [1.0, None],
+  assert sweep.best_index([None, 0.5, 0.3, math.nan, math.inf]) == 2
+  assert sweep.best_index([0.2, 0.2]) == 0
+  assert sweep.stats([1.0, math.nan]) == {"values": [1.0, None],
                                             "mean": None, "std": None}

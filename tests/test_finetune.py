@@ -1,15 +1,13 @@
-"""The main job, experiments/finetune.py, end to end in a shortened form."""
+"""The main job, experiments/finetune.py over rite_optax.train.finetune, end
+to end in a shortened form."""
 
+import dataclasses
 import json
-import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import finetune  # noqa: E402
+import finetune as finetune_cli  # experiments/finetune.py
+from rite_optax.train import finetune
 
 SHORT = ["--steps", "24", "--eval-every", "12", "--eval-examples", "8",
          "--batch-size", "8", "--max-len", "96", "--warmup-steps", "4",
@@ -23,7 +21,7 @@ def _metrics(output_dir):
 
 def test_main_job_trains_evaluates_and_writes_its_outputs(tmp_path):
   out = tmp_path / "run"
-  history = finetune.main(SHORT + ["--output-dir", str(out)])
+  history = finetune_cli.main(SHORT + ["--output-dir", str(out)])
   train = [v for _, v in history["train/loss"]]
   assert len(train) == 24 and train[-1] < 0.5 * train[0]
   assert [s for s, _ in history["eval/loss"]] == [12, 24]
@@ -40,13 +38,13 @@ def test_main_job_resumes_exactly_after_a_preemption(tmp_path, capsys,
   """Preempted at step 12 (the SIGTERM path), then restarted: the loss
   sequence equals an uninterrupted run's exactly."""
   straight, split = tmp_path / "straight", tmp_path / "split"
-  finetune.main(SHORT + ["--output-dir", str(straight)])
+  finetune_cli.main(SHORT + ["--output-dir", str(straight)])
   with monkeypatch.context() as patch:
     patch.setattr(finetune.ckpt_lib.PreemptionGuard, "should_stop",
                   lambda self, step: step >= 12)
-    finetune.main(SHORT + ["--output-dir", str(split)])
+    finetune_cli.main(SHORT + ["--output-dir", str(split)])
   assert "preempted: checkpoint saved at step 12" in capsys.readouterr().err
-  finetune.main(SHORT + ["--output-dir", str(split)])
+  finetune_cli.main(SHORT + ["--output-dir", str(split)])
   assert "resumed from step 12" in capsys.readouterr().err
   loss = lambda d: [(m["step"], m["train/loss"]) for m in _metrics(d)
                     if "train/loss" in m]
@@ -56,12 +54,12 @@ def test_main_job_resumes_exactly_after_a_preemption(tmp_path, capsys,
 
 def test_a_run_with_another_optimizer_does_not_resume_its_checkpoints(tmp_path):
   out = tmp_path / "run"
-  finetune.main(["--steps", "6", "--eval-every", "6", "--eval-examples", "4",
+  finetune_cli.main(["--steps", "6", "--eval-every", "6", "--eval-examples", "4",
                  "--batch-size", "8", "--max-len", "64",
                  "--warmup-steps", "2", "--output-dir", str(out)])
   with pytest.raises(ValueError, match="holds checkpoints of a run with other "
                      "optimizer='lora_rite'"):
-    finetune.main(["--steps", "6", "--optimizer", "adam", "--output-dir",
+    finetune_cli.main(["--steps", "6", "--optimizer", "adam", "--output-dir",
                    str(out)])
   assert (out / "checkpoints" / "6").exists()  # nothing was moved aside
 
@@ -69,7 +67,7 @@ def test_a_run_with_another_optimizer_does_not_resume_its_checkpoints(tmp_path):
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"--batch-size 4 must be a multiple of "
                      r"data x fsdp x grad_accum_steps = 8"):
-    finetune.main(["--batch-size", "4", "--mesh", "8,1,1", "--output-dir",
+    finetune_cli.main(["--batch-size", "4", "--mesh", "8,1,1", "--output-dir",
                    str(tmp_path)])
 
 
@@ -87,13 +85,13 @@ def test_the_schedules_warm_up_linearly_then_decay_or_stay():
 def test_checkpoints_saved_before_the_family_field_still_resume(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   config = finetune.FinetuneConfig()
-  saved = finetune.dataclasses.asdict(config)
+  saved = dataclasses.asdict(config)
   del saved["family"]  # a config.json written before the field existed
   (tmp_path / "config.json").write_text(json.dumps(saved))
   finetune.check_resumable(config, tmp_path)
   with pytest.raises(ValueError, match="other family='gemma'"):
     finetune.check_resumable(
-        finetune.dataclasses.replace(config, family="t5"), tmp_path)
+        dataclasses.replace(config, family="t5"), tmp_path)
 
 
 def test_mesh_specs():

@@ -7,8 +7,6 @@ all-reduced to ``r x r``), and everything else is either a product with an
 factor would show up here as an all-gather of ``rows x r`` elements.
 """
 
-import pathlib
-import sys
 
 import chex
 import jax
@@ -21,8 +19,7 @@ import lora_problems as lp
 import rite_optax
 
 # The benchmark's HLO reading, so that the test checks what it reports.
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "experiments"))
-from bench_optimizers import MOVING, collectives_in  # noqa: E402
+from bench_optimizers import MOVING, collectives_in
 
 RANK = 4
 # Long axes much longer than r^2, so that a factor-sized collective cannot be

@@ -3,7 +3,6 @@
 import pathlib
 import re
 import subprocess
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,8 +51,7 @@ def test_readme_multi_transform_example_runs():
 
 
 def test_lowrank_demo_shortened():
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import lowrank_demo
+  import lowrank_demo  # pylint: disable=import-outside-toplevel
 
   runs = lowrank_demo.main(["--steps", "40", "--eval-every", "20",
                             "--lrs", "0.02"])

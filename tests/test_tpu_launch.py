@@ -1,19 +1,17 @@
 """experiments/tpu: the paper's configs, the launch script and its dry run."""
 
+import dataclasses
 import math
 import pathlib
 import re
 import shlex
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "experiments" / "tpu"))
+import launch
+from rite_optax.train import finetune
 
-import finetune  # noqa: E402
-import launch  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "experiments" / "tpu" / "configs"
 TASKS = ("natural_instructions", "hellaswag", "arc_challenge", "gsm8k",
@@ -51,7 +49,7 @@ def test_a_config_is_a_finetune_config_with_the_stated_values(name):
   family, model, task = ROWS[name]
   assert (config.family, config.model, config.task) == (family, model, task)
   lines = _key_lines(path)
-  assert set(lines) <= {f.name for f in finetune.dataclasses.fields(config)}
+  assert set(lines) <= {f.name for f in dataclasses.fields(config)}
   for key, line in lines.items():
     assert SOURCE.search(line), f"{name}: {key} does not say its source"
   for key, (value, source) in STATED.items():

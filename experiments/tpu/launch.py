@@ -28,7 +28,7 @@ task's TFDS format (``source: mock``) and the mesh and batch scaled down to
 4 of 8 simulated CPU devices, keeping the config's optimizer, its
 hyperparameters, rank, learning-rate schedule, dtype, gradient accumulation
 and mesh layout, runs two training steps and an evaluation through
-``finetune.fit``, and exits 0 only if the loss is finite and the LoRA factors
+``rite_optax.train.finetune.fit``, and exits 0 only if the loss is finite and the LoRA factors
 changed.
 """
 
@@ -64,9 +64,8 @@ TINY_MAX_RANK = {"gemma": 16, "t5": 32}
 
 
 def _finetune():
-  """``experiments/finetune.py`` as a module (imported late: it imports JAX)."""
-  sys.path.insert(0, str(REPO / "experiments"))
-  import finetune  # pylint: disable=import-outside-toplevel
+  """:mod:`rite_optax.train.finetune` (imported late: it imports JAX)."""
+  from rite_optax.train import finetune  # pylint: disable=import-outside-toplevel
   return finetune
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rite_optax.data import pipeline
 from rite_optax.data.tasks import final_number
 from rite_optax.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from rite_optax.models.gemma import default_positions
@@ -326,17 +327,7 @@ def multiple_choice_accuracy(model: nnx.Module, tokenizer: Tokenizer,
     raise ValueError("no examples to evaluate")
   pairs = [(ex["prompt"], c) for ex in examples for c in ex["choices"]]
   scores = _log_likelihoods(model, tokenizer, pairs, batch_size, max_length)
-  correct = correct_norm = 0
-  offset = 0
-  for ex in examples:
-    choices = ex["choices"]
-    ll = scores[offset:offset + len(choices)]
-    offset += len(choices)
-    lengths = np.array([len(c) for c in choices], np.float64)
-    correct += int(np.argmax(ll)) == int(ex["answer"])
-    correct_norm += int(np.argmax(ll / lengths)) == int(ex["answer"])
-  return {"acc": correct / len(examples),
-          "acc_norm": correct_norm / len(examples)}
+  return _choice_accuracy(examples, scores)
 
 
 # ---------------------------------------------------------------------------
@@ -486,3 +477,186 @@ def sni_metrics(model: nnx.Module, tokenizer: Tokenizer,
               for p, ex in zip(predictions, examples))
   return {"exact_match": em / len(examples),
           "rouge_l": rouge / len(examples)}
+
+
+# ---------------------------------------------------------------------------
+# Encoder-decoder (mT5): the same metrics, the prompt as the encoder input
+# and a choice or the generation as the decoder's.
+
+
+@nnx.jit
+def _seq2seq_log_likelihood(model, batch):
+  logits = model(batch["inputs"], batch["decoder_inputs"],
+                 batch["encoder_mask"], batch["decoder_mask"])
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  token_ll = jnp.take_along_axis(log_probs, batch["targets"][..., None],
+                                 axis=-1)[..., 0]
+  return jnp.sum(token_ll * batch["loss_mask"], axis=-1)
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos_id"))
+def seq2seq_generate(model, inputs, encoder_mask, max_new_tokens: int,
+                     eos_id: int):
+  """Greedy decoding without a KV cache: ``(B, max_new_tokens)`` ids."""
+  encoded = model.encode(inputs, encoder_mask)
+  batch = inputs.shape[0]
+  # Column 0 is T5's start token (the pad id 0); column i + 1 is generated
+  # at step i. The causal mask keeps the unwritten tail out of position i.
+  buffer = jnp.zeros((batch, max_new_tokens + 1), jnp.int32)
+  done = ~jnp.any(encoder_mask, axis=1)
+
+  def unfinished(state):
+    step, _, done = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def generate_one(state):
+    step, buffer, done = state
+    logits = model.decode(buffer[:, :-1], encoded, encoder_mask)
+    last = jax.lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False)
+    token = jnp.where(done, 0, jnp.argmax(last, axis=-1).astype(jnp.int32))
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None],
+                                                 step + 1, axis=1)
+    return step + 1, buffer, done | (token == eos_id)
+
+  _, buffer, _ = jax.lax.while_loop(unfinished, generate_one,
+                                    (jnp.int32(0), buffer, done))
+  return buffer[:, 1:]
+
+
+def fetch(x) -> np.ndarray:
+  """A jit output on the host, also when it spans the hosts of a slice."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=all
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _seq2seq_rows(tokenizer: Tokenizer, pairs, batch_size: int, max_len: int,
+                  max_target_len: int):
+  """Fixed-size seq2seq batches of (prompt, target) pairs, in order."""
+  buckets = pipeline.bucket_lengths(max_len)
+  target_buckets = pipeline.bucket_lengths(max_target_len)
+  for start in range(0, len(pairs), batch_size):
+    rows = [pipeline.encode_seq2seq(tokenizer, p, t, max_len, max_target_len)
+            for p, t in pairs[start:start + batch_size]]
+    yield len(rows), pipeline.pad_seq2seq(
+        rows,
+        pipeline.bucket_for(max(len(r["inputs"]) for r in rows), buckets),
+        pipeline.bucket_for(max(len(r["targets"]) for r in rows),
+                            target_buckets),
+        batch_size, tokenizer.eos_id)
+
+
+def _choice_accuracy(examples, scores: np.ndarray) -> dict[str, float]:
+  """``acc`` / ``acc_norm`` from the log-likelihood of every choice, in the
+  order of ``examples`` and their choices."""
+  correct = correct_norm = offset = 0
+  for ex in examples:
+    choices = ex["choices"]
+    ll = scores[offset:offset + len(choices)]
+    offset += len(choices)
+    lengths = np.array([len(c) for c in choices], np.float64)
+    correct += int(np.argmax(ll)) == int(ex["answer"])
+    correct_norm += int(np.argmax(ll / lengths)) == int(ex["answer"])
+  return {"acc": correct / len(examples),
+          "acc_norm": correct_norm / len(examples)}
+
+
+def seq2seq_choice_accuracy(model: nnx.Module, tokenizer: Tokenizer,
+                            examples: Sequence[Mapping[str, Any]], *,
+                            batch_size: int, max_len: int,
+                            max_target_len: int) -> dict[str, float]:
+  """:func:`multiple_choice_accuracy` of an encoder-decoder."""
+  pairs = [(ex["prompt"], c) for ex in examples for c in ex["choices"]]
+  scores = np.concatenate([
+      fetch(_seq2seq_log_likelihood(model, batch))[:n]
+      for n, batch in _seq2seq_rows(tokenizer, pairs, batch_size, max_len,
+                                    max_target_len)])
+  return _choice_accuracy(examples, scores)
+
+
+def seq2seq_decode(model: nnx.Module, tokenizer: Tokenizer,
+                   prompts: Sequence[str], max_new_tokens: int, *,
+                   batch_size: int, max_len: int) -> list[str]:
+  """:func:`greedy_decode` of an encoder-decoder."""
+  predictions = []
+  for n, batch in _seq2seq_rows(tokenizer, [(p, "") for p in prompts],
+                                batch_size, max_len, max_len):
+    ids = fetch(seq2seq_generate(
+        model, batch["inputs"], batch["encoder_mask"],
+        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id))
+    for row in ids[:n].tolist():
+      if tokenizer.eos_id in row:
+        row = row[:row.index(tokenizer.eos_id)]
+      predictions.append(tokenizer.decode(row))
+  return predictions
+
+
+# ---------------------------------------------------------------------------
+# One dispatch: the metric of each task kind.
+
+# Tasks scored by answer likelihood, and by the final number of a greedy
+# generation.
+MULTIPLE_CHOICE_TASKS = frozenset(
+    {"arc_challenge", "arc_easy", "openbookqa", "boolq", "hellaswag"})
+MATH_TASKS = frozenset({"gsm8k", "mawps"})
+GENERATION_TASKS = frozenset({"natural_instructions"})
+
+
+def task_metrics(model: nnx.Module, tokenizer: Tokenizer, task: str,
+                 examples: Sequence[Mapping[str, Any]], *,
+                 seq2seq: bool = False, batch_size: int = 8,
+                 max_len: Optional[int] = None,
+                 max_target_len: Optional[int] = None,
+                 max_new_tokens: int = 128, generate_batch_size: int = 8,
+                 max_prompt_len: Optional[int] = None) -> dict[str, float]:
+  """The metric of ``task`` on ``examples``, for either kind of model.
+
+  Multiple choice: ``acc`` and ``acc_norm`` (:func:`multiple_choice_accuracy`);
+  GSM8K and MAWPS: ``accuracy`` of the greedy final number
+  (:func:`gsm8k_accuracy`); Super-NaturalInstructions: ``exact_match`` and
+  ``rouge_l`` (:func:`sni_metrics`); any other task: ``{}``.
+
+  Args:
+    model: a Gemma-style decoder, or with ``seq2seq=True`` an mT5.
+    task: a canonical task name (``rite_optax.data.tasks.canonical_task``).
+    batch_size: rows per likelihood batch (and per seq2seq generation).
+    max_len: the likelihood batches' static length (the seq2seq encoder's).
+    max_target_len: the seq2seq decoder's length; default ``max_len``.
+    max_new_tokens: generated tokens per answer.
+    generate_batch_size, max_prompt_len: decoder-only generation batches.
+  """
+  if not examples:
+    raise ValueError(f"no {task} examples to evaluate")
+  if seq2seq:
+    if max_len is None:
+      raise ValueError("task_metrics: seq2seq needs max_len")
+    if task in MULTIPLE_CHOICE_TASKS:
+      return seq2seq_choice_accuracy(
+          model, tokenizer, examples, batch_size=batch_size, max_len=max_len,
+          max_target_len=max_target_len or max_len)
+    if task not in MATH_TASKS | GENERATION_TASKS:
+      return {}
+    predictions = seq2seq_decode(
+        model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens,
+        batch_size=batch_size, max_len=max_len)
+    pairs = list(zip(predictions, examples))
+    if task in MATH_TASKS:
+      return {"accuracy": sum(gsm8k_exact_match(p, ex["answer"])
+                              for p, ex in pairs) / len(pairs)}
+    return {"exact_match": sum(exact_match(p, ex["answer"])
+                               for p, ex in pairs) / len(pairs),
+            "rouge_l": sum(rouge_l(p, ex["answer"])
+                           for p, ex in pairs) / len(pairs)}
+  if task in MULTIPLE_CHOICE_TASKS:
+    return multiple_choice_accuracy(model, tokenizer, examples, batch_size,
+                                    max_length=max_len)
+  if task in MATH_TASKS:
+    return gsm8k_accuracy(model, tokenizer, examples, max_new_tokens,
+                          batch_size=generate_batch_size,
+                          max_prompt_len=max_prompt_len)
+  if task in GENERATION_TASKS:
+    return sni_metrics(model, tokenizer, examples, max_new_tokens,
+                       batch_size=generate_batch_size,
+                       max_prompt_len=max_prompt_len)
+  return {}

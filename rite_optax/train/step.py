@@ -442,16 +442,24 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh,
       out_shardings=replicated(mesh))
 
 
-def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: Batch, mesh: Mesh, *, global_batch: bool = False
+                ) -> dict[str, jax.Array]:
   """Place a batch on ``mesh``, split over ``("data", "fsdp")``.
 
   With one process, ``batch`` is the global batch. With several (a TPU pod),
   each process passes its own rows, ``global_batch / process_count`` of them,
-  and the global array is assembled without copying between hosts.
+  and the global array is assembled without copying between hosts; or, with
+  ``global_batch=True``, every process passes the same global batch and fills
+  only its own devices' rows from it, which is right for any device order of
+  a multi-host mesh.
   """
   target = sharding_lib.batch_sharding(mesh)
   if jax.process_count() == 1:
     return jax.device_put(dict(batch), target)
+  if global_batch:
+    return {name: jax.make_array_from_callback(
+        np.shape(x), target, lambda index, x=np.asarray(x): x[index])
+            for name, x in batch.items()}
   return {name: jax.make_array_from_process_local_data(target, np.asarray(x))
           for name, x in batch.items()}
 

@@ -1,0 +1,712 @@
+"""Fine-tuning API: a LoRA fine-tune of Gemma or mT5 with any optimizer.
+
+What ``experiments/finetune.py`` (the main job), ``experiments/compare.py``
+and the TPU launcher share, as a library::
+
+    from rite_optax.train import finetune
+    config = finetune.FinetuneConfig(optimizer="lora_rite", steps=300)
+    history = finetune.run(config)            # {metric: [(step, value)]}
+
+* :class:`FinetuneConfig` is one run; :data:`PRESETS` name whole runs;
+  :func:`parse_config` reads ``--preset``, a ``--config`` YAML/JSON file and
+  one flag per field (in that order of precedence).
+* :class:`ModelFamily` is what differs between model families (Gemma,
+  mT5): model class, checkpoint loader, loss, batch kind, LoRA targets.
+* :func:`build_model`, :func:`build_optimizer`, :func:`make_batches` and
+  :func:`evaluate` are the pieces; :func:`fit` is the loop (resumable orbax
+  checkpoints, saved on SIGTERM; TensorBoard events, ``metrics.jsonl`` and
+  ``loss.png`` from process 0 only on a multi-host slice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rite_optax import data as data_lib
+from rite_optax import registry
+from rite_optax.models import gemma
+from rite_optax.models import gemma_loader
+from rite_optax.models import inject_lora
+from rite_optax.models import sharding
+from rite_optax.models import t5
+from rite_optax.models import t5_loader
+from rite_optax.train import checkpoints as ckpt_lib
+from rite_optax.train import eval as eval_lib
+from rite_optax.train import step as step_lib
+
+SCHEDULES = ("cosine", "linear", "constant")
+SOURCES = ("local", "tfds", "mock")
+
+
+# --- model families -----------------------------------------------------------
+
+
+def _load_t5(path: str, model_config: t5.T5Config, mesh) -> t5.T5:
+  hf = (path.endswith((".safetensors", ".json")) or any(
+      os.path.exists(os.path.join(path, name))
+      for name in (t5_loader.HF_SINGLE_FILE, t5_loader.HF_INDEX_FILE)))
+  if hf:
+    return t5_loader.load_hf_safetensors(path, model_config, mesh)
+  return t5_loader.load_t5x_checkpoint(path, model_config, mesh)
+
+
+class ModelFamily(NamedTuple):
+  """What differs between model families, in one record.
+
+  Attributes:
+    presets: preset name -> config factory (the ``model`` field).
+    model_class: built from a config and ``rngs`` when there is no
+      checkpoint (a random base: smoke runs and tests).
+    load_checkpoint: ``(path, model_config, mesh) -> model`` for released
+      weights.
+    loss_fn: the train and eval steps' loss sums
+      (:func:`rite_optax.train.step.decoder_loss_sums`...).
+    seq2seq: encoder-decoder batches (``data.Batches(seq2seq=True)``) and
+      metrics.
+    lora_targets: ``(attn, mlp) -> inject_lora`` target pattern.
+  """
+
+  presets: dict[str, Callable[[], Any]]
+  model_class: type
+  load_checkpoint: Callable[[str, Any, Any], nnx.Module]
+  loss_fn: Callable[..., Any]
+  seq2seq: bool
+  lora_targets: Callable[..., str]
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "gemma": ModelFamily(gemma.PRESETS, gemma.Gemma,
+                         gemma_loader.load_gemma_checkpoint,
+                         step_lib.decoder_loss_sums, False,
+                         gemma.lora_targets),
+    "t5": ModelFamily(t5.PRESETS, t5.T5, _load_t5, step_lib.seq2seq_loss_sums,
+                      True, t5.lora_targets),
+}
+
+
+# --- the config -----------------------------------------------------------------
+
+
+def _flag(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A config field with its ``--help`` text."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """One fine-tuning run. Every field is a command-line flag."""
+
+  # Model.
+  model: str = _flag("tiny", "a preset of the family (gemma.PRESETS, "
+                     "t5.PRESETS)")
+  family: str = _flag("gemma", "'gemma' (decoder-only) or 't5' (mT5, "
+                      "seq2seq)")
+  checkpoint: Optional[str] = _flag(
+      None, "released weights: Gemma's Flax (orbax) checkpoint; for t5, HF "
+      "safetensors (a .safetensors file, its index, or a folder of either) "
+      "or a T5X orbax dir; none: a randomly initialised base")
+  tokenizer: Optional[str] = _flag(
+      None, "SentencePiece model (a .model file or its folder); none: bytes")
+  compute_dtype: str = _flag("float32", "activations' dtype ('bfloat16' on "
+                             "TPU)")
+  # LoRA.
+  lora_rank: int = _flag(8, "LoRA rank r")
+  lora_alpha: float = _flag(16.0, "LoRA alpha (the update is alpha/r A B^T)")
+  lora_attn: bool = _flag(True, "LoRA on the attention projections")
+  lora_mlp: bool = _flag(True, "LoRA on the MLP projections")
+  # Data.
+  task: str = _flag("arc_challenge", "arc_challenge, arc_easy, openbookqa, "
+                    "boolq, gsm8k, mawps, hellaswag, natural_instructions")
+  source: str = _flag(
+      "local", "'local': the LLM-Adapters files shipped with the package "
+      "(or --data-dir); 'tfds'; 'mock': generated records in the task's "
+      "TFDS format (dry runs and tests, nothing read from disk)")
+  data_dir: Optional[str] = _flag(
+      None, "folder of the local JSON files, or the TFDS data dir")
+  train_split: str = _flag("train", "training split")
+  eval_split: str = _flag("test", "held-out split")
+  max_len: int = _flag(256, "decoder-only sequence, or t5 encoder input")
+  max_target_len: int = _flag(0, "t5 decoder sequence; 0: max_len")
+  batch_size: int = _flag(16, "global batch (examples per step)")
+  grad_accum_steps: int = _flag(1, "micro-batches per step")
+  # Optimizer.
+  optimizer: str = _flag("lora_rite", "a name of rite_optax.get_optimizer")
+  learning_rate: float = _flag(2e-3, "peak learning rate")
+  hparams: str = _flag("{}", "JSON: extra hyperparameters of the optimizer")
+  warmup_steps: int = _flag(20, "linear warmup steps from 0")
+  schedule: str = _flag("cosine", "after the warmup: cosine|linear|constant")
+  clip_grad_norm: float = _flag(1.0, "global gradient norm clip; 0 disables")
+  # Schedule of the run.
+  steps: int = _flag(300, "training steps")
+  eval_every: int = _flag(100, "steps between evaluations")
+  eval_examples: int = _flag(200, "held-out examples for task metrics")
+  max_new_tokens: int = _flag(64, "generated tokens (gsm8k, "
+                              "natural_instructions)")
+  mesh: str = _flag("auto", "'data,fsdp,tensor' sizes, one of them may be "
+                    "-1 (the remaining devices), or 'auto': all devices on "
+                    "data")
+  output_dir: str = _flag("", "default: runs/<model>-<task>-<optimizer>")
+  checkpoint_every: int = _flag(100, "steps between checkpoints")
+  keep_checkpoints: int = _flag(3, "checkpoints kept")
+  resume: bool = _flag(True, "resume from the output dir's checkpoints")
+  seed: int = _flag(0, "LoRA init and data order")
+
+
+PRESETS = {
+    # The main job: CPU, nothing downloaded.
+    "cpu_tiny": FinetuneConfig(),
+    # Gemma 2B on Super-NaturalInstructions on a TPU VM (released checkpoint
+    # and tokenizer supplied by the user; data from TFDS). The paper's runs,
+    # with the source of each value, are the config files of
+    # experiments/tpu/configs (--config FILE).
+    "gemma_2b_sni": FinetuneConfig(
+        model="gemma_2b", compute_dtype="bfloat16", task="natural_instructions",
+        source="tfds", train_split="train[:95%]", eval_split="train[95%:]",
+        max_len=1024, batch_size=64, lora_rank=16, lora_alpha=16.0,
+        learning_rate=2e-4, steps=5000, eval_every=500, eval_examples=1000,
+        max_new_tokens=128, mesh="auto", checkpoint_every=500),
+}
+
+
+def _field_types() -> dict[str, str]:
+  return {f.name: str(f.type) for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _coerce(name: str, kind: str, value: Any, where: str) -> Any:
+  """``value`` of a config file as field ``name`` of type ``kind``, or raise."""
+  def bad(expected):
+    return ValueError(f"{where}: field {name!r} must be {expected}, got "
+                      f"{value!r} ({type(value).__name__})")
+  if kind == "bool":
+    if not isinstance(value, bool):
+      raise bad("true or false")
+  elif kind == "int":
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad("an integer")
+  elif kind == "float":
+    if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        raise bad("a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad("a number")
+    value = float(value)
+  elif name == "hparams" and isinstance(value, dict):
+    value = json.dumps(value)  # a mapping in YAML, a JSON string in the field
+  elif kind == "Optional[str]":
+    if value is not None and not isinstance(value, str):
+      raise bad("a string or null")
+  elif not isinstance(value, str):
+    raise bad("a string")
+  return value
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+  """The fields set by a YAML or JSON config file, checked and typed.
+
+  The file is a mapping of :class:`FinetuneConfig` fields; a key that is no
+  field raises a ``ValueError`` naming it, as does a value of the wrong type.
+  ``hparams`` may be a mapping (it is stored as JSON).
+  """
+  import yaml  # pylint: disable=import-outside-toplevel  (a flax dependency)
+
+  with open(path, encoding="utf-8") as f:
+    data = yaml.safe_load(f)
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: a config file is a mapping of FinetuneConfig "
+                     f"fields, not a {type(data).__name__}")
+  kinds = _field_types()
+  unknown = sorted(str(k) for k in data if k not in kinds)
+  if unknown:
+    raise ValueError(
+        f"{path}: unknown FinetuneConfig field(s) "
+        f"{', '.join(map(repr, unknown))}; the fields are {', '.join(kinds)}")
+  return {name: _coerce(name, kinds[name], value, str(path))
+          for name, value in data.items()}
+
+
+def validate(config: FinetuneConfig) -> FinetuneConfig:
+  """Raise a ``ValueError`` on settings no run can start with."""
+  if config.family not in FAMILIES:
+    raise ValueError(f"family must be one of {sorted(FAMILIES)}, got "
+                     f"{config.family!r}")
+  presets = FAMILIES[config.family].presets
+  if config.model not in presets:
+    raise ValueError(f"model {config.model!r} is no preset of family "
+                     f"{config.family!r}: {sorted(presets)}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got "
+                     f"{config.schedule!r}")
+  if config.source not in SOURCES:
+    raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
+  if config.lora_rank < 1 or config.batch_size < 1 or config.steps < 0:
+    raise ValueError("lora_rank and batch_size must be >= 1, steps >= 0")
+  mesh_sizes(config.mesh, devices=None)  # raises on a malformed spec
+  try:
+    json.loads(config.hparams)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"hparams is not JSON: {config.hparams!r}") from e
+  return config
+
+
+def config_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
+  """``--preset NAME``, ``--config FILE``, then one flag per field, each with
+  its help text and default."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS),
+                      help="the run's starting point (default: cpu_tiny)")
+  parser.add_argument("--config", default=None, metavar="FILE",
+                      help="YAML/JSON file of FinetuneConfig fields, applied "
+                      "over the preset and under the flags")
+  for field in dataclasses.fields(FinetuneConfig):
+    flag = "--" + field.name.replace("_", "-")
+    # The default shown is the field's; None (not given) keeps the preset's
+    # or the config file's value.
+    common = dict(default=None, help=f"{field.metadata['help']} (default: "
+                  f"{field.default!r})")
+    if field.type in ("bool", bool):
+      parser.add_argument(
+          flag, type=lambda s: s.lower() in ("1", "true", "yes"),
+          metavar="BOOL", **common)
+    elif field.type in ("int", int):
+      parser.add_argument(flag, type=int, **common)
+    elif field.type in ("float", float):
+      parser.add_argument(flag, type=float, **common)
+    else:
+      parser.add_argument(flag, type=str, **common)
+  return parser
+
+
+def parse_config(argv: Optional[list[str]] = None,
+                 description: Optional[str] = None) -> FinetuneConfig:
+  """The config of ``--preset``, ``--config`` and the flags in ``argv``."""
+  args = config_parser(description).parse_args(argv)
+  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(
+      FinetuneConfig) if getattr(args, f.name) is not None}
+  config = PRESETS[args.preset]
+  if args.config:
+    config = dataclasses.replace(config, **load_config_file(args.config))
+  return validate(dataclasses.replace(config, **overrides))
+
+
+def mesh_sizes(spec: str, devices: Optional[int]) -> tuple[int, int, int]:
+  """``(data, fsdp, tensor)`` of a mesh spec for ``devices`` devices.
+
+  ``"auto"``: every device on ``data``. ``"d,f,t"``: those sizes, one of them
+  may be ``-1`` for what the others leave. ``devices=None`` only checks the
+  form of the spec (and returns -1 where a size depends on the count).
+  """
+  if spec == "auto":
+    return (devices if devices is not None else -1, 1, 1)
+  try:
+    sizes = [int(x) for x in spec.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3 or sizes.count(-1) > 1 or any(
+      x == 0 or x < -1 for x in sizes):
+    raise ValueError(f"mesh must be 'auto' or 'data,fsdp,tensor' (positive "
+                     f"sizes, at most one -1), got {spec!r}")
+  if -1 in sizes and devices is not None:
+    rest = -int(np.prod(sizes))
+    if devices % rest:
+      raise ValueError(f"mesh {spec!r}: {devices} devices do not divide by "
+                       f"{rest}")
+    sizes[sizes.index(-1)] = devices // rest
+  return tuple(sizes)
+
+
+def build_mesh(spec: str) -> jax.sharding.Mesh:
+  data, fsdp, tensor = mesh_sizes(spec, jax.device_count())
+  return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def mock_records(task: str, split: str, num: int = 128) -> list[dict]:
+  """``num`` generated records of ``task`` in its TFDS feature format.
+
+  Two-number additions, deterministic per ``(task, split)``: the conversion
+  of :func:`rite_optax.data.tasks.from_tfds` and everything after it run as
+  on the real data, with nothing downloaded (dry runs, tests).
+  """
+  task = data_lib.tasks.canonical_task(task)
+  rng = np.random.default_rng([sum(map(ord, task)), sum(map(ord, split))])
+  records = []
+  for _ in range(num):
+    a, b = (int(x) for x in rng.integers(1, 50, size=2))
+    total = a + b
+    wrong = [total + d for d in (-2, 1, 3)]
+    answer = int(rng.integers(4))
+    options = wrong[:answer] + [total] + wrong[answer:]
+    question = f"What is {a} plus {b}?"
+    if task == "natural_instructions":
+      records.append({"definition": "Add the two numbers.",
+                      "input": f"{a} and {b}", "output": str(total)})
+    elif task == "hellaswag":
+      records.append({"activity_label": "Arithmetic",
+                      "context": f"{a} plus {b} equals",
+                      "endings": [str(o) for o in options], "label": answer})
+    elif task in ("arc_challenge", "arc_easy"):
+      records.append({"question": question, "answerKey": answer,
+                      "choices": {"text": [str(o) for o in options],
+                                  "label": [0, 1, 2, 3]}})
+    elif task == "openbookqa":
+      records.append({"question": {"stem": question, **{
+          f"choice_{c}": str(o) for c, o in zip("ABCD", options)}},
+                      "answerKey": answer})
+    elif task == "gsm8k":
+      records.append({"question": question,
+                      "answer": f"{a} + {b} = <<{a}+{b}={total}>>{total}\n"
+                                f"#### {total}",
+                      "short_answer": str(total)})
+    else:
+      raise ValueError(f"no mock records for task {task!r}")
+  return records
+
+
+def load_examples(config: FinetuneConfig, split: str) -> list[dict[str, Any]]:
+  if config.source == "local":
+    return data_lib.load_local_task(config.task, split, config.data_dir)
+  if config.source == "tfds":
+    return list(data_lib.tfds_task(config.task, split, config.data_dir))
+  if config.source == "mock":
+    return [data_lib.tasks.from_tfds(config.task, r)
+            for r in mock_records(config.task, split)]
+  raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
+
+
+def is_seq2seq(config: FinetuneConfig) -> bool:
+  return FAMILIES[config.family].seq2seq
+
+
+def build_model(config: FinetuneConfig, tokenizer, mesh) -> nnx.Module:
+  """The family's base (released weights, or random without a checkpoint)
+  with LoRA on the configured projections."""
+  family = FAMILIES[config.family]
+  model_config = family.presets[config.model]()
+  model_config = dataclasses.replace(
+      model_config, dtype=jnp.dtype(config.compute_dtype),
+      **({"vocab_size": tokenizer.vocab_size} if config.checkpoint is None
+         else {}))
+  if config.checkpoint is not None:
+    model = family.load_checkpoint(config.checkpoint, model_config, mesh)
+  else:
+    # No released weights: a randomly initialised base (CPU smoke runs).
+    with nnx.use_eager_sharding(False):
+      model = family.model_class(model_config, rngs=nnx.Rngs(config.seed))
+  inject_lora(model, config.lora_rank, config.lora_alpha,
+              family.lora_targets(attn=config.lora_attn, mlp=config.lora_mlp),
+              rngs=nnx.Rngs(config.seed + 1))
+  return model
+
+
+def build_schedule(config: FinetuneConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate``, then ``config.schedule``
+  (cosine or linear decay to 0 at ``steps``, or constant)."""
+  lr, warmup = config.learning_rate, config.warmup_steps
+  total = max(config.steps, warmup + 1)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+  after = (optax.linear_schedule(lr, 0.0, total - warmup)
+           if config.schedule == "linear" else optax.constant_schedule(lr))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
+  inner = registry.get_optimizer(config.optimizer, build_schedule(config),
+                                   **json.loads(config.hparams))
+  if config.clip_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), inner)
+  return inner
+
+
+def make_batches(config: FinetuneConfig, tokenizer, examples,
+                 **kwargs) -> data_lib.Batches:
+  """The run's batches: decoder-only, or seq2seq for the t5 family."""
+  seq2seq = {}
+  if is_seq2seq(config):
+    seq2seq = dict(seq2seq=True,
+                   max_target_len=config.max_target_len or config.max_len)
+  return data_lib.Batches(examples, tokenizer, batch_size=config.batch_size,
+                          max_len=config.max_len, **seq2seq, **kwargs)
+
+
+class OnMesh:
+  """An iterator of global batches that yields them placed on the mesh, with
+  the wrapped iterator's resumable ``state``/``restore``."""
+
+  def __init__(self, batches: data_lib.Batches, mesh):
+    self.batches, self.mesh = batches, mesh
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return step_lib.shard_batch(next(self.batches), self.mesh,
+                                global_batch=True)
+
+  def state(self):
+    return self.batches.state()
+
+  def restore(self, state) -> None:
+    self.batches.restore(state)
+
+
+class MetricsLog:
+  """``metrics.jsonl``, TensorBoard events and ``loss.png`` of a run.
+
+  With ``enabled=False`` (every process but the first of a multi-host run)
+  only the in-memory history is kept and nothing is written.
+  """
+
+  def __init__(self, output_dir: pathlib.Path, enabled: bool = True):
+    self.output_dir = output_dir
+    self.enabled = enabled
+    self.history: dict[str, list[tuple[int, float]]] = {}
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # rite_optax[experiments]
+    self.writer = SummaryWriter(str(output_dir / "tb"))
+    path = output_dir / "metrics.jsonl"
+    if path.exists():  # a resumed run: its curves continue the earlier ones
+      for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for name, value in record.items():
+          if name != "step":
+            self.history.setdefault(name, []).append((record["step"], value))
+    self.jsonl = open(path, "a", encoding="utf-8")
+
+  def log(self, step: int, values: dict[str, float]) -> None:
+    for name, value in values.items():
+      self.history.setdefault(name, []).append((step, value))
+      if self.enabled:
+        self.writer.add_scalar(name, value, step)
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self.jsonl.flush()
+
+  def plot(self) -> pathlib.Path:
+    path = self.output_dir / "loss.png"
+    if not self.enabled:
+      return path
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("train/loss", "eval/loss"):
+      if name in self.history:
+        steps, values = zip(*self.history[name])
+        ax.plot(steps, values, label=name, marker="o" if "eval" in name else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (token mean over targets)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+  def close(self) -> None:
+    if self.enabled:
+      self.writer.close()
+      self.jsonl.close()
+
+
+# The settings that define the checkpointed state: a run may only resume
+# from checkpoints written with the same ones.
+STATE_FIELDS = ("model", "family", "checkpoint", "lora_rank", "lora_alpha",
+                "lora_attn", "lora_mlp", "optimizer", "hparams",
+                "clip_grad_norm", "task", "source", "train_split", "batch_size",
+                "max_len", "seed")
+
+
+def check_resumable(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
+  """Refuse to resume checkpoints written by a run with another state."""
+  saved = output_dir / "config.json"
+  if not (config.resume and saved.exists()
+          and (output_dir / "checkpoints").exists()):
+    return
+  before = json.loads(saved.read_text())
+  # A field the saved config lacks (written before the field existed) had
+  # its default.
+  defaults = FinetuneConfig()
+  before = {f: before.get(f, getattr(defaults, f)) for f in STATE_FIELDS}
+  changed = [f for f in STATE_FIELDS if before[f] != getattr(config, f)]
+  if changed:
+    raise ValueError(
+        f"{output_dir} holds checkpoints of a run with other "
+        + ", ".join(f"{f}={before[f]!r}" for f in changed)
+        + "; choose another --output-dir or pass --resume false")
+
+
+def evaluate(config, setup, params, eval_step, eval_examples, tokenizer,
+             mesh) -> dict[str, float]:
+  """Held-out loss, and the task's metric on ``eval_examples`` examples
+  (:func:`rite_optax.train.eval.task_metrics`), as ``eval/<name>``."""
+  batches = make_batches(config, tokenizer, eval_examples, shuffle=False,
+                         num_epochs=1, drop_remainder=False)
+  loss_sum = tokens = 0.0
+  for batch in batches:
+    out = eval_step(setup.frozen, params,
+                    step_lib.shard_batch(batch, mesh, global_batch=True))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  results = {"eval/loss": loss_sum / max(tokens, 1.0)}
+  model = nnx.merge(setup.graphdef, params, setup.frozen)
+  seq2seq = is_seq2seq(config)
+  scores = eval_lib.task_metrics(
+      model, tokenizer, data_lib.tasks.canonical_task(config.task),
+      eval_examples, seq2seq=seq2seq, batch_size=config.batch_size,
+      max_len=config.max_len,
+      max_target_len=config.max_target_len or config.max_len,
+      max_new_tokens=config.max_new_tokens)
+  results.update({f"eval/{k}": v for k, v in scores.items()})
+  return results
+
+
+class FitResult(NamedTuple):
+  """What :func:`fit` returns.
+
+  Attributes:
+    history: ``{metric: [(step, value), ...]}``, what :func:`run` returns.
+    state: the last :class:`rite_optax.train.step.TrainState`.
+    initial_params: the LoRA factors before training, on the host; only with
+      ``keep_initial_params=True`` (single process), else None.
+  """
+
+  history: dict[str, list[tuple[int, float]]]
+  state: Any
+  initial_params: Any
+
+
+def run(config: FinetuneConfig) -> dict[str, Any]:
+  """Fine-tune, evaluating every ``eval_every`` steps; returns the history."""
+  return fit(config).history
+
+
+def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
+        ) -> FitResult:
+  """:func:`run`, returning the final state too (and the initial factors)."""
+  from tqdm.auto import tqdm  # rite_optax[experiments]
+
+  validate(config)
+  step_lib.initialize_distributed()
+  lead = jax.process_index() == 0
+  output_dir = pathlib.Path(config.output_dir or (
+      f"runs/{config.model}-{config.task}-{config.optimizer}"))
+  output_dir.mkdir(parents=True, exist_ok=True)
+  check_resumable(config, output_dir)
+  if lead:
+    (output_dir / "config.json").write_text(
+        json.dumps(dataclasses.asdict(config), indent=2))
+  mesh = build_mesh(config.mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
+  if config.batch_size % shards:
+    raise ValueError(
+        f"--batch-size {config.batch_size} must be a multiple of data x fsdp "
+        f"x grad_accum_steps = {shards} (mesh {dict(mesh.shape)})")
+  tokenizer = data_lib.load_tokenizer(config.tokenizer)
+  train_examples = load_examples(config, config.train_split)
+  eval_examples = load_examples(config, config.eval_split)
+  eval_examples = [eval_examples[i] for i in np.random.default_rng(
+      config.seed).permutation(len(eval_examples))[:config.eval_examples]]
+
+  model = build_model(config, tokenizer, mesh)
+  tx = build_optimizer(config)
+  setup = step_lib.create_train_state(model, tx, mesh)
+  initial_params = (jax.tree.map(np.array, jax.device_get(setup.state.params))
+                    if keep_initial_params else None)
+  compute_dtype = jnp.dtype(config.compute_dtype)
+  loss_fn = FAMILIES[config.family].loss_fn
+  train_step = step_lib.make_train_step(
+      setup.graphdef, tx, mesh, setup.shardings,
+      grad_accum_steps=config.grad_accum_steps, compute_dtype=compute_dtype,
+      loss_fn=loss_fn)
+  eval_step = step_lib.make_eval_step(setup.graphdef, mesh, setup.shardings,
+                                      compute_dtype=compute_dtype,
+                                      loss_fn=loss_fn)
+  batches = make_batches(config, tokenizer, train_examples, seed=config.seed)
+  efficiency = data_lib.padding_efficiency(
+      [next(iter(make_batches(config, tokenizer, train_examples,
+                              seed=config.seed)))])
+  log = MetricsLog(output_dir, enabled=lead)
+  state = setup.state
+  with ckpt_lib.Checkpoints(output_dir / "checkpoints",
+                            max_to_keep=config.keep_checkpoints,
+                            save_every=config.checkpoint_every) as checkpoints:
+    if config.resume:
+      restored = checkpoints.restore_latest_valid(
+          ckpt_lib.abstract_like(state, setup.shardings.state))
+      if restored is not None:
+        state = restored.state
+        batches.restore(restored.data_state)
+        print(f"resumed from step {restored.step}", file=sys.stderr)
+    start = int(jax.device_get(state.step))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(f"{config.model} + LoRA r={config.lora_rank} ({n_params:,} trainable)"
+          f" | {config.optimizer} lr={config.learning_rate:g} | "
+          f"{config.task}: {len(train_examples)} train, {len(eval_examples)} "
+          f"eval | mesh {dict(mesh.shape)} | padding efficiency "
+          f"{efficiency:.2f}", file=sys.stderr)
+
+    progress = tqdm(total=config.steps, initial=start, desc="fine-tune",
+                    dynamic_ncols=True, disable=None if lead else True)
+    pending: list[tuple[int, dict]] = []
+
+    def flush():
+      for s, m in jax.device_get(pending):
+        log.log(s, {"train/loss": float(m["loss"]),
+                    "train/grad_norm": float(m["grad_norm"])})
+      if pending:
+        progress.set_postfix(loss=f"{float(pending[-1][1]['loss']):.4f}")
+      pending.clear()
+
+    def on_step(step, metrics):
+      pending.append((step, metrics))
+      if step % 10 == 0:  # one host sync per 10 steps, not per step
+        flush()
+      progress.update(1)
+
+    if start >= config.steps:
+      print(f"{output_dir} is already at step {start} of {config.steps}",
+            file=sys.stderr)
+    wall = time.perf_counter()
+    with ckpt_lib.PreemptionGuard() as guard:
+      step = start
+      while step < config.steps:
+        stop = min(config.steps, (step // config.eval_every + 1)
+                   * config.eval_every)
+        result = ckpt_lib.train_loop(train_step, setup.frozen, state,
+                                     OnMesh(batches, mesh), checkpoints,
+                                     num_steps=stop, guard=guard,
+                                     on_step=on_step)
+        state, step = result.state, result.step
+        flush()
+        if result.preempted:
+          print(f"preempted: checkpoint saved at step {step}", file=sys.stderr)
+          break
+        scores = evaluate(config, setup, state.params, eval_step,
+                          eval_examples, tokenizer, mesh)
+        log.log(step, scores)
+        progress.write(f"step {step}: " + ", ".join(
+            f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items()))
+    progress.close()
+  plot = log.plot()
+  log.close()
+  print(f"done in {time.perf_counter() - wall:.0f}s: {output_dir} "
+        f"(TensorBoard events in tb/, curves in {plot.name})", file=sys.stderr)
+  return FitResult(log.history, state, initial_params)
