@@ -289,6 +289,48 @@ def decoder_loss_sums(model: nnx.Module, batch: Batch
   return _masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
+def gather_loss_positions(values: jax.Array, loss_mask: jax.Array,
+                          num: int) -> jax.Array:
+  """``values (B, T, ...)`` at the first ``num`` positions of each row where
+  ``loss_mask`` is set, in order: ``(B, num, ...)``.
+
+  Rows with fewer such positions are filled with other positions (their mask,
+  gathered the same way, is 0 there). A static-shape gather, so that the
+  unembedding and the softmax run on ``num`` positions a row instead of all
+  ``T``: with Gemma 3's 262,144-row vocabulary they cost more than the
+  whole 270M model's body per position.
+  """
+  # Stable: masked positions first, each group in sequence order.
+  order = jnp.argsort(loss_mask <= 0, axis=1, stable=True)[:, :num]
+  index = order.reshape(order.shape + (1,) * (values.ndim - 2))
+  return jnp.take_along_axis(values, index, axis=1)
+
+
+def decoder_answer_loss_sums(max_loss_tokens: int) -> LossFn:
+  """:func:`decoder_loss_sums` with the unembedding on the loss positions only.
+
+  The model's ``hidden_states`` are gathered at the first
+  ``max_loss_tokens`` target positions of each row
+  (:func:`gather_loss_positions`) before ``logits_from_hidden``; target
+  tokens beyond them are out of the loss (the fine-tuning loop refuses data
+  whose targets are longer). Equal to :func:`decoder_loss_sums` when no row
+  has more target tokens.
+  """
+  if max_loss_tokens < 1:
+    raise ValueError(f"max_loss_tokens must be >= 1, got {max_loss_tokens}")
+
+  def loss_sums(model: nnx.Module, batch: Batch
+                ) -> tuple[jax.Array, jax.Array]:
+    hidden = model.hidden_states(batch["inputs"],
+                                 attention_mask=batch["attention_mask"])
+    mask = batch["loss_mask"]
+    take = lambda x: gather_loss_positions(x, mask, max_loss_tokens)
+    logits = model.logits_from_hidden(take(hidden))
+    return _masked_cross_entropy(logits, take(batch["targets"]), take(mask))
+
+  return loss_sums
+
+
 def seq2seq_loss_sums(model: nnx.Module, batch: Batch
                       ) -> tuple[jax.Array, jax.Array]:
   """:func:`decoder_loss_sums` for encoder-decoder (mT5) batches."""
@@ -346,11 +388,108 @@ def _loss_and_grad_sums(graphdef, loss_fn, params, frozen, batch):
   return loss_sum, tokens, grads
 
 
+def all_finite(*trees: PyTree) -> jax.Array:
+  """A bool scalar: whether every floating-point entry of ``trees`` is finite."""
+  leaves = [x for x in jax.tree.leaves(trees)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_finite(old: TrainState, new: TrainState, *checked: PyTree
+                ) -> tuple[TrainState, jax.Array]:
+  """``new``, or ``old``'s params and optimizer state if anything is not finite.
+
+  Guards the whole update rather than the optimizer's output (as
+  ``optax.apply_if_finite`` does): the optimizer state tree stays the
+  optimizer's own (checkpoints and shardings unchanged), and a NaN that only
+  reaches the params (an overflowing update) or a moment is caught too.
+
+  Args:
+    old: the state before the update.
+    new: the state after it.
+    *checked: more trees that must be finite (the loss, the gradient).
+
+  Returns:
+    ``(state, skipped)``: ``state`` has ``new.step``; ``skipped`` is an
+    ``int32`` scalar, 1 if ``old``'s params and optimizer state were kept.
+  """
+  finite = all_finite(new.params, new.opt_state, *checked)
+  params, opt_state = jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o),
+      (new.params, new.opt_state), (old.params, old.opt_state))
+  return (TrainState(new.step, params, opt_state),
+          jnp.logical_not(finite).astype(jnp.int32))
+
+
+class NonFiniteStepsError(FloatingPointError):
+  """Too many consecutive train steps were skipped as non-finite."""
+
+
+class NonFiniteSteps:
+  """Host-side count of skipped steps; stops a loop after a run of them.
+
+  The train step already keeps NaN out of the state (``skip_nonfinite``), so
+  a long run of skipped steps means training is stuck (learning rate too
+  high, a broken batch stream), not that the state is lost: stopping keeps
+  the last checkpoint, which is finite. Usage, after every step::
+
+      nonfinite = NonFiniteSteps(max_consecutive=20)
+      ...
+      state, metrics = train_step(frozen, state, batch)
+      nonfinite.update(step, metrics)   # raises NonFiniteStepsError
+
+  ``metrics`` may be device arrays (fetching them syncs with the device) or
+  fetched ones; calling it on every step of a buffered log, in order, is the
+  same.
+
+  Attributes:
+    max_consecutive: raise when this many steps in a row were skipped.
+    total: steps skipped so far.
+    consecutive: steps skipped since the last good one.
+    first_bad_step: the first step of the current run of skipped steps.
+  """
+
+  def __init__(self, max_consecutive: int):
+    if max_consecutive < 1:
+      raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+    self.max_consecutive = max_consecutive
+    self.total = 0
+    self.consecutive = 0
+    self.first_bad_step: Optional[int] = None
+
+  def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Record step ``step`` (1-based: the state's step after it).
+
+    Raises:
+      NonFiniteStepsError: ``max_consecutive`` steps in a row were skipped.
+    """
+    if int(np.asarray(jax.device_get(metrics["nonfinite_steps"]))) == 0:
+      self.consecutive, self.first_bad_step = 0, None
+      return
+    self.total += 1
+    self.consecutive += 1
+    if self.first_bad_step is None:
+      self.first_bad_step = step
+    if self.consecutive >= self.max_consecutive:
+      values = ", ".join(
+          f"{name} {float(np.asarray(jax.device_get(metrics[name]))):g}"
+          for name in ("loss", "grad_norm") if name in metrics)
+      raise NonFiniteStepsError(
+          f"steps {self.first_bad_step}..{step}: {self.consecutive} "
+          f"consecutive non-finite steps (last: {values}); their updates "
+          f"were skipped, so params and optimizer state are those of step "
+          f"{self.first_bad_step - 1}; stopping (lower the learning rate or "
+          f"check the data)")
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     mesh: Mesh, shardings: TrainShardings, *,
                     grad_accum_steps: int = 1,
                     compute_dtype: Any = jnp.bfloat16,
                     loss_fn: LossFn = decoder_loss_sums,
+                    skip_nonfinite: bool = True,
                     ) -> Callable[[PyTree, TrainState, Batch],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The compiled ``step(frozen, state, batch) -> (state, metrics)``.
@@ -370,13 +509,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       (float32), and the loss is taken in float32.
     loss_fn: ``(model, batch) -> (loss sum, token count)``;
       :func:`seq2seq_loss_sums` for mT5.
+    skip_nonfinite: a step whose loss, gradient, new params or new optimizer
+      state has a NaN or an infinity leaves params and optimizer state as
+      they were (:func:`keep_finite`), for any optimizer; ``state.step``
+      still counts it (it counts the batches consumed). Costs one finiteness
+      reduction and one select per state array.
 
   Returns:
     A ``jax.jit`` function with explicit in and out shardings that donates the
     state argument (do not reuse it after the call). ``metrics`` holds
     ``loss`` (token mean over the global batch, before the update),
-    ``tokens`` (target tokens in the batch) and ``grad_norm`` (global norm of
-    the gradient of the mean loss).
+    ``tokens`` (target tokens in the batch), ``grad_norm`` (global norm of
+    the gradient of the mean loss) and, with ``skip_nonfinite``,
+    ``nonfinite_steps`` (1 if this step was skipped, else 0: summed over
+    steps, the number skipped; :class:`NonFiniteSteps` stops a loop on a run
+    of them).
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -407,7 +554,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denominator, "tokens": tokens,
                "grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    new_state = TrainState(state.step + 1, params, opt_state)
+    if skip_nonfinite:
+      new_state, metrics["nonfinite_steps"] = keep_finite(
+          state, new_state, loss_sum, grads)
+    return new_state, metrics
 
   return jax.jit(
       step,
