@@ -10,7 +10,8 @@ joined.
 from __future__ import annotations
 
 import os
-from typing import Optional, Protocol, Sequence, Union, runtime_checkable
+import tempfile
+from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 PAD_ID = 0
 EOS_ID = 1
@@ -98,6 +99,34 @@ class SentencePieceTokenizer:
       raise ValueError(f"{self.model_path}: bos id is {self.bos_id}, the "
                        f"batch format needs {BOS_ID}")
 
+  @classmethod
+  def from_gguf(cls, path: Union[str, os.PathLike]) -> "SentencePieceTokenizer":
+    """The SentencePiece model of a llama.cpp GGUF file's vocabulary.
+
+    Rebuilt from ``tokenizer.ggml.tokens``, ``scores`` and ``token_type``
+    (:func:`gguf_model_proto`) and serialized into the file's cache entry
+    (:func:`rite_optax.models.gguf_loader.read_gguf`), so that a second call
+    only loads the ``.model`` file. Gemma 3 270M on 2 CPU cores: about 3 s
+    the first time once the weights' entry exists (25 s with it), 0.5 s after.
+
+    As every tokenizer here, :meth:`encode` adds no BOS; the model expects
+    the BOS (id 2) that the pipeline places first (the file's
+    ``add_bos_token``).
+    """
+    # pylint: disable-next=import-outside-toplevel
+    from rite_optax.models import gguf_loader
+
+    contents = gguf_loader.read_gguf(path)
+    model_file = contents.cache_dir / "tokenizer.model"
+    if not model_file.exists():
+      proto = gguf_model_proto(*contents.vocab(), contents.metadata,
+                               source=contents.path)
+      fd, tmp = tempfile.mkstemp(dir=contents.cache_dir, suffix=".partial")
+      with os.fdopen(fd, "wb") as f:
+        f.write(proto.SerializeToString())
+      os.replace(tmp, model_file)  # atomic: concurrent readers see all or none
+    return cls(model_file)
+
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text, out_type=int))
 
@@ -107,6 +136,75 @@ class SentencePieceTokenizer:
   def __repr__(self) -> str:
     return (f"SentencePieceTokenizer({self.model_path!r}, "
             f"vocab_size={self.vocab_size})")
+
+
+# llama.cpp's token types; the numbers are SentencePiece's piece types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def gguf_model_proto(tokens: Sequence[str], scores: Sequence[float],
+                     token_types: Sequence[int], metadata: dict[str, Any],
+                     source: str = "GGUF vocabulary") -> Any:
+  """A SentencePiece ``ModelProto`` from a GGUF ``llama`` (SentencePiece)
+  vocabulary: the pieces, scores and types of the file, as Gemma's
+  ``tokenizer.model`` has them.
+
+  BPE with byte fallback, the identity normaliser with spaces escaped to
+  ``U+2581`` and no dummy prefix (``tokenizer.ggml.add_space_prefix``
+  false), the special ids of the file. Two things llama.cpp changed are
+  undone: user-defined pieces have their ``U+2581`` written back (llama.cpp
+  "pre-normalizes" them to spaces, so Gemma's whitespace runs ``"  "``...
+  are ``"▁▁"``... again), and the unknown piece, which the file marks as
+  control, is ``UNKNOWN`` again (SentencePiece needs exactly one).
+
+  Raises:
+    ValueError: naming ``source``, for another tokenizer model or mismatched
+      lengths.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+  kind = metadata.get("tokenizer.ggml.model")
+  if kind != "llama":
+    raise ValueError(f"{source}: tokenizer.ggml.model is {kind!r}; only "
+                     f"SentencePiece vocabularies ('llama') are rebuilt")
+  if not len(tokens) == len(scores) == len(token_types):
+    raise ValueError(f"{source}: {len(tokens)} tokens, {len(scores)} scores "
+                     f"and {len(token_types)} token types")
+  special = {name: int(metadata[f"tokenizer.ggml.{name}_token_id"])
+             for name in ("unknown", "bos", "eos", "padding")
+             if f"tokenizer.ggml.{name}_token_id" in metadata}
+  if "unknown" not in special:
+    raise ValueError(f"{source}: no tokenizer.ggml.unknown_token_id")
+  proto = sp_pb2.ModelProto()
+  for i, (piece, score, kind) in enumerate(zip(tokens, scores, token_types)):
+    kind = int(kind)
+    if kind == _USER_DEFINED:
+      piece = piece.replace(" ", "\u2581")
+    if i == special["unknown"]:
+      kind = _UNKNOWN
+    elif kind == _UNKNOWN:
+      kind = _CONTROL
+    proto.pieces.add(piece=piece, score=float(score), type=kind)
+  trainer = proto.trainer_spec
+  trainer.model_type = sp_pb2.TrainerSpec.BPE
+  trainer.vocab_size = len(tokens)
+  trainer.byte_fallback = True
+  trainer.unk_id = special["unknown"]
+  trainer.bos_id = special.get("bos", -1)
+  trainer.eos_id = special.get("eos", -1)
+  trainer.pad_id = special.get("padding", -1)
+  for name, field in (("unknown", "unk_piece"), ("bos", "bos_piece"),
+                      ("eos", "eos_piece"), ("padding", "pad_piece")):
+    if name in special:
+      setattr(trainer, field, tokens[special[name]])
+  normalizer = proto.normalizer_spec
+  normalizer.name = "identity"
+  normalizer.add_dummy_prefix = bool(
+      metadata.get("tokenizer.ggml.add_space_prefix", False))
+  normalizer.remove_extra_whitespaces = False
+  normalizer.escape_whitespaces = True
+  return proto
 
 
 def load_tokenizer(

@@ -1,14 +1,21 @@
-"""Gemma and Gemma 2: decoder-only transformers in Flax NNX.
+"""Gemma, Gemma 2 and Gemma 3 (text): decoder-only transformers in Flax NNX.
 
 Gemma Team, "Gemma: Open Models Based on Gemini Research and Technology", 2024;
-"Gemma 2: Improving Open Language Models at a Practical Size", 2024. The
-computation follows google-deepmind/gemma (``gemma/modules.py``,
-``gemma/transformer.py``) and matches HF ``GemmaForCausalLM`` /
-``Gemma2ForCausalLM`` to float32 rounding (``tests/test_gemma.py``).
+"Gemma 2: Improving Open Language Models at a Practical Size", 2024; "Gemma 3
+Technical Report", 2025. The computation follows google-deepmind/gemma
+(``gemma/gm/nn/_modules.py``, ``_transformer.py``) and matches HF
+``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` to float32
+rounding (``tests/test_gemma.py``, ``tests/test_gemma3.py``; Gemma 3 270M
+on its released weights in ``tests/test_gemma3_real.py``).
 
-One :class:`GemmaConfig` describes both generations; Gemma 2 is Gemma with
-``post_norms``, an ``attention_pattern`` of local (sliding window) and global
-layers, attention and final logit soft-capping and its own query scaling.
+One :class:`GemmaConfig` describes the three generations. Gemma 2 is Gemma
+with ``post_norms``, an ``attention_pattern`` of local (sliding window) and
+global layers, attention and final logit soft-capping and its own query
+scaling. Gemma 3 drops the soft-capping, adds ``qk_norm`` (an RMSNorm over
+``head_dim`` on queries and keys, before RoPE), five local layers per global
+one, a RoPE base per layer type (``local_rope_base`` 10k, ``rope_base`` 1M)
+and, from 4B up, linear RoPE scaling of the global layers
+(``rope_scale_factor`` 8), with a 262,144-token vocabulary.
 
 Every projection that may carry a LoRA adapter is a 2-D ``nnx.Linear``
 without bias, so :func:`rite_optax.models.inject_lora` finds it by path::
@@ -20,6 +27,9 @@ without bias, so :func:`rite_optax.models.inject_lora` finds it by path::
     layers/{i}/mlp/gate (d_model, mlp_dim)                    embed, mlp
     layers/{i}/mlp/up   (d_model, mlp_dim)                    embed, mlp
     layers/{i}/mlp/down (mlp_dim, d_model)                    mlp, embed
+
+and Gemma 3's ``layers/{i}/attn/q_norm`` and ``k_norm`` scales ``(head_dim,)``
+(``norm``, replicated).
 
 (the last column is the logical sharding axes, mapped to a mesh by
 :mod:`rite_optax.models.sharding`). The heads of ``q``, ``k`` and ``v`` are a
@@ -75,12 +85,21 @@ class GemmaConfig:
     mlp_dim: hidden width of the GeGLU MLP (``hidden_dim`` / HF
       ``intermediate_size``).
     vocab_size: rows of the tied embedding.
-    rope_base: RoPE base frequency.
+    rope_base: RoPE base frequency (of the ``GLOBAL`` layers, when
+      ``local_rope_base`` is set).
+    local_rope_base: Gemma 3: the RoPE base of the ``LOCAL`` layers; None
+      means ``rope_base``.
+    rope_scale_factor: linear RoPE scaling ("positional interpolation") of
+      the ``GLOBAL`` layers: their positions are divided by it (Gemma 3 4B,
+      12B, 27B: 8). Local layers are never scaled.
     norm_eps: RMSNorm epsilon.
-    post_norms: Gemma 2: RMSNorms after attention and after the MLP, before
-      each residual add.
+    post_norms: Gemma 2 and 3: RMSNorms after attention and after the MLP,
+      before each residual add.
+    qk_norm: Gemma 3: RMSNorms over ``head_dim`` on the queries and keys,
+      before RoPE.
     attention_pattern: attention type of each layer, cycled over the layers:
-      ``(GLOBAL,)`` for Gemma, ``(LOCAL, GLOBAL)`` for Gemma 2.
+      ``(GLOBAL,)`` for Gemma, ``(LOCAL, GLOBAL)`` for Gemma 2,
+      :data:`GEMMA3_PATTERN` (five local, one global) for Gemma 3.
     sliding_window: keys at distance ``>= sliding_window`` are masked in
       ``LOCAL`` layers.
     attn_logit_softcap: ``c tanh(logits / c)`` on the attention logits.
@@ -89,7 +108,8 @@ class GemmaConfig:
       -0.5``; ``None`` means ``head_dim`` (Gemma, Gemma 2 2B and 9B).
     transpose_gating_einsum: the released checkpoint stores
       ``mlp/gating_einsum`` as ``(2, mlp_dim, d_model)`` rather than
-      ``(2, d_model, mlp_dim)`` (Gemma 2 9B and 27B). Only the loader reads it.
+      ``(2, d_model, mlp_dim)`` (Gemma 2 9B and 27B, Gemma 3). Only the
+      loader reads it.
     param_dtype: dtype of the parameters.
     dtype: dtype of the computation (softmax and norms run in float32).
   """
@@ -102,8 +122,11 @@ class GemmaConfig:
   mlp_dim: int
   vocab_size: int
   rope_base: float = 10_000.0
+  local_rope_base: Optional[float] = None
+  rope_scale_factor: float = 1.0
   norm_eps: float = 1e-6
   post_norms: bool = False
+  qk_norm: bool = False
   attention_pattern: tuple[str, ...] = (GLOBAL,)
   sliding_window: Optional[int] = None
   attn_logit_softcap: Optional[float] = None
@@ -125,9 +148,20 @@ class GemmaConfig:
                        f"{LOCAL!r} and {GLOBAL!r}")
     if LOCAL in self.attention_pattern and not self.sliding_window:
       raise ValueError("local attention layers need a sliding_window")
+    if self.rope_scale_factor < 1:
+      raise ValueError(f"rope_scale_factor must be >= 1, got "
+                       f"{self.rope_scale_factor}")
 
   def attention_type(self, layer: int) -> str:
     return self.attention_pattern[layer % len(self.attention_pattern)]
+
+  def rope(self, attention_type: str) -> tuple[float, float]:
+    """``(base, scale_factor)`` of RoPE in layers of ``attention_type``."""
+    if attention_type == LOCAL:
+      base = self.rope_base if self.local_rope_base is None else (
+          self.local_rope_base)
+      return base, 1.0
+    return self.rope_base, self.rope_scale_factor
 
   @property
   def query_scale(self) -> float:
@@ -179,6 +213,64 @@ def gemma2_27b(**overrides: Any) -> GemmaConfig:
       transpose_gating_einsum=True), **overrides)
 
 
+# google-deepmind/gemma GEMMA3_ATTENTION_PATTERN; HF ``sliding_window_pattern``
+# 6: layers 5, 11, 17, ... are global.
+GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)
+GEMMA3_VOCAB = 262_144
+
+
+def _gemma3(**fields: Any) -> GemmaConfig:
+  # google-deepmind/gemma gm/nn/_gemma.py Gemma3_*; HF's config.json of the
+  # google/gemma-3-* releases agree (rope_scaling linear 8 from 4B up).
+  defaults = dict(
+      vocab_size=GEMMA3_VOCAB, post_norms=True, qk_norm=True,
+      attention_pattern=GEMMA3_PATTERN, sliding_window=1024,
+      rope_base=1_000_000.0, local_rope_base=10_000.0,
+      transpose_gating_einsum=True)
+  return GemmaConfig(**{**defaults, **fields})
+
+
+def gemma3_270m(**overrides: Any) -> GemmaConfig:
+  """Gemma 3 270M: 268,098,176 parameters, 168M of them the embedding."""
+  return dataclasses.replace(_gemma3(
+      num_layers=18, d_model=640, num_heads=4, num_kv_heads=1, head_dim=256,
+      mlp_dim=2048, sliding_window=512, query_pre_attn_scalar=256),
+      **overrides)
+
+
+def gemma3_1b(**overrides: Any) -> GemmaConfig:
+  """Gemma 3 1B (999,885,952 parameters)."""
+  return dataclasses.replace(_gemma3(
+      num_layers=26, d_model=1152, num_heads=4, num_kv_heads=1, head_dim=256,
+      mlp_dim=6912, sliding_window=512, query_pre_attn_scalar=256),
+      **overrides)
+
+
+def gemma3_4b(**overrides: Any) -> GemmaConfig:
+  """Gemma 3 4B, the text model (3,880,099,328 parameters)."""
+  return dataclasses.replace(_gemma3(
+      num_layers=34, d_model=2560, num_heads=8, num_kv_heads=4, head_dim=256,
+      mlp_dim=10_240, query_pre_attn_scalar=256, rope_scale_factor=8.0),
+      **overrides)
+
+
+def gemma3_12b(**overrides: Any) -> GemmaConfig:
+  """Gemma 3 12B, the text model (11,765,788,416 parameters)."""
+  return dataclasses.replace(_gemma3(
+      num_layers=48, d_model=3840, num_heads=16, num_kv_heads=8,
+      head_dim=256, mlp_dim=15_360, query_pre_attn_scalar=256,
+      rope_scale_factor=8.0), **overrides)
+
+
+def gemma3_27b(**overrides: Any) -> GemmaConfig:
+  """Gemma 3 27B, the text model: queries scaled by ``(d_model / num_heads)
+  ** -0.5`` = ``168 ** -0.5`` (27,009,002,240 parameters)."""
+  return dataclasses.replace(_gemma3(
+      num_layers=62, d_model=5376, num_heads=32, num_kv_heads=16,
+      head_dim=128, mlp_dim=21_504, query_pre_attn_scalar=5376 // 32,
+      rope_scale_factor=8.0), **overrides)
+
+
 def tiny(gemma2: bool = False, **overrides: Any) -> GemmaConfig:
   """A two-layer model that runs instantly on CPU; every width divides 2."""
   if gemma2:
@@ -194,6 +286,15 @@ def tiny_gemma2(**overrides: Any) -> GemmaConfig:
       num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
       mlp_dim=128, vocab_size=256, query_pre_attn_scalar=16,
       sliding_window=8), **overrides)
+
+
+def tiny_gemma3(**overrides: Any) -> GemmaConfig:
+  """Gemma 3's architecture at :func:`tiny`'s widths: six layers (five local,
+  one global), a window of 8 tokens and the global layer's RoPE scaled by 8."""
+  return dataclasses.replace(_gemma3(
+      num_layers=6, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
+      mlp_dim=128, vocab_size=256, query_pre_attn_scalar=16, sliding_window=8,
+      rope_scale_factor=8.0), **overrides)
 
 
 def small(**overrides: Any) -> GemmaConfig:
@@ -224,8 +325,14 @@ PRESETS = {
     "gemma2_2b": gemma2_2b,
     "gemma2_9b": gemma2_9b,
     "gemma2_27b": gemma2_27b,
+    "gemma3_270m": gemma3_270m,
+    "gemma3_1b": gemma3_1b,
+    "gemma3_4b": gemma3_4b,
+    "gemma3_12b": gemma3_12b,
+    "gemma3_27b": gemma3_27b,
     "tiny": tiny,
     "tiny_gemma2": tiny_gemma2,
+    "tiny_gemma3": tiny_gemma3,
     "small": small,
     "mini": mini,
 }
@@ -247,12 +354,14 @@ def _linear(config: GemmaConfig, in_features: int, out_features: int,
 
 
 class RMSNorm(nnx.Module):
-  """``x / rms(x) * (1 + scale)``, ``scale`` initialised at zero."""
+  """``x / rms(x) * (1 + scale)`` over the last axis, ``scale`` initialised
+  at zero; of width ``d_model``, or ``dim`` (Gemma 3's QK-norm: ``head_dim``).
+  """
 
-  def __init__(self, config: GemmaConfig):
+  def __init__(self, config: GemmaConfig, dim: Optional[int] = None):
     self.eps = config.norm_eps
     self.scale = nnx.Param(
-        jnp.zeros((config.d_model,), config.param_dtype),
+        jnp.zeros((dim or config.d_model,), config.param_dtype),
         out_sharding=("norm",), eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -264,16 +373,20 @@ class RMSNorm(nnx.Module):
     return (normed * (1 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, base: float,
+               scale_factor: float = 1.0) -> jax.Array:
   """Rotary embedding of ``x (B, T, heads, H)`` at ``positions (B, T)``.
 
-  Gemma's convention (``gemma/positional_embeddings.py``): dimension ``i`` of
-  the first half is rotated with dimension ``i`` of the second half, at
-  frequency ``base ** (-2 i / H)``.
+  Gemma's convention (``gemma/gm/math/_positional_embeddings.py``): dimension
+  ``i`` of the first half is rotated with dimension ``i`` of the second half,
+  at frequency ``base ** (-2 i / H) / scale_factor`` (linear scaling, HF's
+  ``rope_type="linear"``).
   """
   half = x.shape[-1] // 2
   timescale = base**(2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
   angles = positions[..., None].astype(jnp.float32) / timescale  # (B, T, H/2)
+  if scale_factor != 1.0:
+    angles = angles / scale_factor
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -287,7 +400,11 @@ def _softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal grouped-query attention with RoPE; ``q, k, v, o`` are 2-D."""
+  """Causal grouped-query attention with RoPE; ``q, k, v, o`` are 2-D.
+
+  Gemma 3 normalises each query and key head (``q_norm``, ``k_norm``) before
+  RoPE; the RoPE base and scaling depend on the layer's attention type.
+  """
 
   def __init__(self, config: GemmaConfig, attention_type: str,
                rngs: nnx.Rngs):
@@ -297,13 +414,15 @@ class Attention(nnx.Module):
     self.attention_type = attention_type
     self.sliding_window = (config.sliding_window if attention_type == LOCAL
                            else None)
-    self.rope_base = config.rope_base
+    self.rope_base, self.rope_scale_factor = config.rope(attention_type)
     self.query_scale = config.query_scale
     self.softcap = config.attn_logit_softcap
     self.q = _linear(config, d, n * h, ("embed", "heads"), rngs)
     self.k = _linear(config, d, k * h, ("embed", "kv_heads"), rngs)
     self.v = _linear(config, d, k * h, ("embed", "kv_heads"), rngs)
     self.o = _linear(config, n * h, d, ("heads", "embed"), rngs)
+    self.q_norm = RMSNorm(config, h) if config.qk_norm else None
+    self.k_norm = RMSNorm(config, h) if config.qk_norm else None
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                mask: jax.Array) -> jax.Array:
@@ -313,9 +432,12 @@ class Attention(nnx.Module):
     q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, t, k_heads, self.head_dim)
     v = self.v(x).reshape(b, t, k_heads, self.head_dim)
-    q = apply_rope(q, positions, self.rope_base) * jnp.asarray(
-        self.query_scale, q.dtype)
-    k = apply_rope(k, positions, self.rope_base)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.rope_base,
+                   self.rope_scale_factor) * jnp.asarray(self.query_scale,
+                                                         q.dtype)
+    k = apply_rope(k, positions, self.rope_base, self.rope_scale_factor)
     # Query head n = kv_head * group + g reads key/value head kv_head.
     q = q.reshape(b, t, k_heads, group, self.head_dim)
     logits = jnp.einsum("btkgh,bskh->btkgs", q, k).astype(jnp.float32)
@@ -344,7 +466,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm attention and MLP, each wrapped in post-norms in Gemma 2."""
+  """Pre-norm attention and MLP, each wrapped in post-norms in Gemma 2 and 3."""
 
   def __init__(self, config: GemmaConfig, layer: int, rngs: nnx.Rngs):
     self.pre_attention_norm = RMSNorm(config)
@@ -401,7 +523,13 @@ def default_positions(tokens: jax.Array,
 
 
 class Gemma(nnx.Module):
-  """A Gemma or Gemma 2 decoder: ``tokens (B, T) -> logits (B, T, vocab)``."""
+  """A Gemma decoder: ``tokens (B, T) -> logits (B, T, vocab)``.
+
+  ``model(tokens)`` is ``model.logits_from_hidden(model.hidden_states(
+  tokens))``; the two halves let a loss unembed only the positions it scores
+  (with Gemma 3's 262,144-row table the logits of a whole batch are most of
+  the memory of a step).
+  """
 
   def __init__(self, config: GemmaConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -412,7 +540,17 @@ class Gemma(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                attention_mask: Optional[jax.Array] = None) -> jax.Array:
-    """Logits of every position.
+    """Logits of every position: ``(B, T, vocab_size)`` in the compute dtype.
+
+    The arguments are those of :meth:`hidden_states`.
+    """
+    return self.logits_from_hidden(
+        self.hidden_states(tokens, positions, attention_mask))
+
+  def hidden_states(self, tokens: jax.Array,
+                    positions: Optional[jax.Array] = None,
+                    attention_mask: Optional[jax.Array] = None) -> jax.Array:
+    """The final-normed residual stream, before the tied unembedding.
 
     Args:
       tokens: ``(B, T)`` int token ids.
@@ -422,7 +560,8 @@ class Gemma(nnx.Module):
         never attended to; outputs at padding positions are meaningless.
 
     Returns:
-      ``(B, T, vocab_size)`` logits in the compute dtype.
+      ``(B, T, d_model)`` in the compute dtype: ``final_norm`` of the last
+      block's output, what :meth:`logits_from_hidden` maps to logits.
     """
     if positions is None:
       positions = default_positions(tokens, attention_mask)
@@ -434,5 +573,11 @@ class Gemma(nnx.Module):
     x = self.embedder.encode(tokens)
     for layer in self.layers:
       x = layer(x, positions, mask)
-    logits = self.embedder.decode(self.final_norm(x))
-    return _softcap(logits, self.config.final_logit_softcap)
+    return self.final_norm(x)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """``hidden (..., d_model)`` from :meth:`hidden_states` (any subset of its
+    positions) -> logits ``(..., vocab_size)``: the tied unembedding and the
+    final soft-cap. Costs ``2 vocab d_model`` flops per position."""
+    return _softcap(self.embedder.decode(hidden),
+                    self.config.final_logit_softcap)

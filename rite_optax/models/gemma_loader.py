@@ -1,6 +1,8 @@
 """Loading released Gemma weights into :class:`~rite_optax.models.gemma.Gemma`.
 
-Two sources:
+Three sources (the GGUF files of llama.cpp are read in
+:mod:`rite_optax.models.gguf_loader`, through :func:`params_from_gguf_tensors`
+here):
 
 * The released Flax checkpoints (orbax), read and written in their own layout
   (google-deepmind/gemma ``gemma/modules.py`` and ``gemma/params.py``). On
@@ -20,14 +22,22 @@ Two sources:
     transformer/layer_{i}/mlp/gating_einsum     (2, D, F), or (2, F, D) when
                                                 config.transpose_gating_einsum
     transformer/layer_{i}/mlp/linear            (F, D)
-    transformer/layer_{i}/post_ffw_norm/scale         Gemma 2
+    transformer/layer_{i}/post_ffw_norm/scale         Gemma 2 and 3
+    transformer/layer_{i}/attn/_query_norm/scale  (H,)     Gemma 3
+    transformer/layer_{i}/attn/_key_norm/scale    (H,)     Gemma 3
 
   The released tables have 256128 rows for the 256000-token vocabulary; the
   128 rows past it are never produced by the tokenizer and are dropped (as
-  HF's conversion does) when the config has ``vocab_size=256000``.
+  HF's conversion does) when the config has ``vocab_size=256000``. Gemma 3
+  4B and up are multimodal: their vision tower (``SigLiPFromPatches_0/...``,
+  ``transformer/embedder/mm_*``) is not read by this text model and skipped.
 
-* HF transformers ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` state dicts
-  (``model.layers.{i}.self_attn.q_proj.weight`` stored ``(out, in)``).
+* HF transformers ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` /
+  ``Gemma3ForCausalLM`` state dicts (``model.layers.{i}.self_attn.q_proj.weight``
+  stored ``(out, in)``; Gemma 3's ``self_attn.q_norm`` / ``k_norm``), in memory
+  or as safetensors files (:func:`load_hf_gemma`, :func:`save_hf_gemma`). The
+  multimodal Gemma 3 releases pad the table to 262,208 rows; the rows past the
+  262,144-token vocabulary are dropped.
 
 Every expected array must be present with its shape and a floating dtype, and
 nothing else may be present: anything else raises a ``ValueError`` naming the
@@ -36,6 +46,7 @@ key (and the checkpoint). Arrays are cast to ``config.param_dtype``.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Mapping, Optional
 
@@ -47,12 +58,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rite_optax.models import sharding as sharding_lib
+from rite_optax.models import gemma as gemma_lib
 from rite_optax.models.gemma import Gemma, GemmaConfig
 from rite_optax.models.lora import LoRADense
 
 # Rows of the released embedding tables, for a 256000-token vocabulary.
 RELEASED_VOCAB_ROWS = 256_128
 _TOKENIZER_VOCAB = 256_000
+# HF's multimodal Gemma 3 (4B and up) pads the 262,144-row table for its image
+# tokens.
+GEMMA3_HF_VOCAB_ROWS = 262_208
+# Keys of the vision tower in the released multimodal Gemma 3 checkpoints.
+_VISION_PREFIXES = ("SigLiPFromPatches_0/", "transformer/embedder/mm_",
+                    "vision_encoder/", "transformer/vision_encoder/")
 
 Path = tuple[Any, ...]  # in our model's state: ("layers", 0, "attn", "q")
 # A source array's accepted shapes, and its conversion to our parameters.
@@ -102,7 +120,10 @@ def _convert(arrays: Mapping[str, Any], entries: Mapping[str, _Entry],
       for name in path[:-1]:
         node = node.setdefault(name, {})
       # Host arrays: placing them is model_from_params's job (by the mesh).
-      node[path[-1]] = np.asarray(array).astype(np.dtype(config.param_dtype))
+      # copy=False: a memory-mapped cache array of the right dtype is not
+      # copied (the GGUF embedding table is 671 MB).
+      node[path[-1]] = np.asarray(array).astype(np.dtype(config.param_dtype),
+                                                copy=False)
   return params
 
 
@@ -112,8 +133,14 @@ def _embedding_entry(config: GemmaConfig, rows: tuple[int, ...]) -> _Entry:
           lambda x: {("embedder", "embedding"): x[:v]})
 
 
-def _norm(config: GemmaConfig, path: Path) -> _Entry:
-  return ((config.d_model,),), lambda x: {path + ("scale",): x}
+def _norm(config: GemmaConfig, path: Path, dim: Optional[int] = None,
+          offset: float = 0.0) -> _Entry:
+  # ``offset``: GGUF files store the factor ``1 + scale`` (llama.cpp's
+  # convert_hf_to_gguf.py adds 1 to every Gemma norm weight); -1 undoes it.
+  shapes = ((dim or config.d_model,),)
+  if not offset:
+    return shapes, lambda x: {path + ("scale",): x}
+  return shapes, lambda x: {path + ("scale",): x + np.asarray(offset, x.dtype)}
 
 
 def model_from_params(config: GemmaConfig, params: Mapping[str, Any],
@@ -142,6 +169,8 @@ def _canonical_keys(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
   """Both layouts -> ``/``-joined keys with ``mlp/gating_einsum`` unwrapped."""
   canonical: dict[str, Any] = {}
   for key, value in _flatten(tree).items():
+    if key.startswith(_VISION_PREFIXES):
+      continue  # Gemma 3's vision tower: not part of the text model
     # On disk the MLP weights sit under a "w" (gemma/params.py).
     if key.endswith(("/mlp/gating_einsum/w", "/mlp/linear/w")):
       key = key[:-len("/w")]
@@ -200,6 +229,11 @@ def _gemma_entries(config: GemmaConfig) -> dict[str, _Entry]:
       entries[f"{prefix}/attn/kv_einsum/w"] = heads(
           (2, k, d, h), [attn + (name,) for name in "kv"])
     entries[f"{prefix}/attn/attn_vec_einsum/w"] = output(attn + ("o",))
+    if config.qk_norm:
+      entries[f"{prefix}/attn/_query_norm/scale"] = _norm(
+          config, attn + ("q_norm",), h)
+      entries[f"{prefix}/attn/_key_norm/scale"] = _norm(
+          config, attn + ("k_norm",), h)
     entries[f"{prefix}/mlp/gating_einsum"] = gating(layer + ("mlp",))
     entries[f"{prefix}/mlp/linear"] = down(layer + ("mlp",))
   return entries
@@ -286,6 +320,9 @@ def gemma_checkpoint_params(model: Gemma) -> dict[str, dict[str, np.ndarray]]:
       out[f"{prefix}/attn/kv_einsum"] = {"w": np.stack([kk, v])}
     out[f"{prefix}/attn/attn_vec_einsum"] = {
         "w": np.asarray(_kernel(attn.o)).reshape(n, h, d)}
+    if config.qk_norm:
+      out[f"{prefix}/attn/_query_norm"] = scale(attn.q_norm)
+      out[f"{prefix}/attn/_key_norm"] = scale(attn.k_norm)
     gating = np.stack([np.asarray(_kernel(mlp.gate)),
                        np.asarray(_kernel(mlp.up))])
     if config.transpose_gating_einsum:
@@ -321,9 +358,11 @@ def _hf_entries(config: GemmaConfig) -> dict[str, _Entry]:
     return (((out_features, in_features),),
             lambda x: {path + ("kernel",): x.T})
 
+  rows = (config.vocab_size,)
+  if config.qk_norm and config.vocab_size == gemma_lib.GEMMA3_VOCAB:
+    rows += (GEMMA3_HF_VOCAB_ROWS,)
   entries = {
-      "model.embed_tokens.weight": _embedding_entry(config,
-                                                    (config.vocab_size,)),
+      "model.embed_tokens.weight": _embedding_entry(config, rows),
       "model.norm.weight": _norm(config, ("final_norm",)),
   }
   # HF names the norms by position: in Gemma, "post_attention_layernorm" is
@@ -348,6 +387,11 @@ def _hf_entries(config: GemmaConfig) -> dict[str, _Entry]:
                                                           k * h, d)
     entries[f"{prefix}.self_attn.o_proj.weight"] = linear(attn + ("o",),
                                                           d, n * h)
+    if config.qk_norm:
+      entries[f"{prefix}.self_attn.q_norm.weight"] = _norm(
+          config, attn + ("q_norm",), h)
+      entries[f"{prefix}.self_attn.k_norm.weight"] = _norm(
+          config, attn + ("k_norm",), h)
     mlp = layer + ("mlp",)
     entries[f"{prefix}.mlp.gate_proj.weight"] = linear(mlp + ("gate",), f, d)
     entries[f"{prefix}.mlp.up_proj.weight"] = linear(mlp + ("up",), f, d)
@@ -357,7 +401,7 @@ def _hf_entries(config: GemmaConfig) -> dict[str, _Entry]:
 
 def params_from_hf_gemma(state_dict: Mapping[str, Any], config: GemmaConfig,
                          source: str = "HF state dict") -> dict:
-  """An HF ``GemmaForCausalLM``/``Gemma2ForCausalLM`` state dict -> our params.
+  """An HF ``Gemma{,2,3}ForCausalLM`` state dict -> our params.
 
   Values may be torch tensors or arrays. ``lm_head.weight`` may be present
   (``state_dict()`` lists the tied weight) but must equal the embedding.
@@ -378,3 +422,187 @@ def params_from_hf_gemma(state_dict: Mapping[str, Any], config: GemmaConfig,
     raise ValueError(f"{source}: 'lm_head.weight' differs from "
                      f"'model.embed_tokens.weight'; Gemma ties them")
   return _convert(arrays, _hf_entries(config), config, source)
+
+
+def hf_gemma_state_dict(model: Gemma) -> dict[str, np.ndarray]:
+  """``model``'s parameters under HF ``Gemma{,2,3}ForCausalLM`` names (host
+  arrays, ``(out, in)`` matrices, the tied ``lm_head`` left out), the inverse
+  of :func:`params_from_hf_gemma`. LoRA adapters are merged."""
+  config = model.config
+  out = {"model.embed_tokens.weight": np.asarray(model.embedder.embedding[...]),
+         "model.norm.weight": np.asarray(model.final_norm.scale[...])}
+  norms = {"input_layernorm": "pre_attention_norm"}
+  if config.post_norms:
+    norms.update(post_attention_layernorm="post_attention_norm",
+                 pre_feedforward_layernorm="pre_ffw_norm",
+                 post_feedforward_layernorm="post_ffw_norm")
+  else:
+    norms.update(post_attention_layernorm="pre_ffw_norm")
+  for i, block in enumerate(model.layers):
+    prefix = f"model.layers.{i}"
+    for hf_name, name in norms.items():
+      out[f"{prefix}.{hf_name}.weight"] = np.asarray(
+          getattr(block, name).scale[...])
+    for name in "qkvo":
+      out[f"{prefix}.self_attn.{name}_proj.weight"] = np.asarray(
+          _kernel(getattr(block.attn, name))).T
+    if config.qk_norm:
+      out[f"{prefix}.self_attn.q_norm.weight"] = np.asarray(
+          block.attn.q_norm.scale[...])
+      out[f"{prefix}.self_attn.k_norm.weight"] = np.asarray(
+          block.attn.k_norm.scale[...])
+    for name in ("gate", "up", "down"):
+      out[f"{prefix}.mlp.{name}_proj.weight"] = np.asarray(
+          _kernel(getattr(block.mlp, name))).T
+  return {key: np.ascontiguousarray(value) for key, value in out.items()}
+
+
+def hf_gemma_config_dict(config: GemmaConfig) -> dict[str, Any]:
+  """``config.json`` of the HF causal LM of ``config`` (``Gemma3ForCausalLM``
+  for Gemma 3, with its layer types, both RoPE bases and the scaling)."""
+  out = {
+      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+      "intermediate_size": config.mlp_dim,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim, "rms_norm_eps": config.norm_eps,
+      "rope_theta": config.rope_base, "hidden_activation": "gelu_pytorch_tanh",
+      "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1,
+      "bos_token_id": 2,
+  }
+  if not config.post_norms:
+    return {"architectures": ["GemmaForCausalLM"], "model_type": "gemma",
+            **out}
+  layer_types = [
+      "sliding_attention" if config.attention_type(i) == gemma_lib.LOCAL
+      else "full_attention" for i in range(config.num_layers)]
+  out.update(
+      query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+      sliding_window=config.sliding_window, layer_types=layer_types,
+      attn_logit_softcapping=config.attn_logit_softcap,
+      final_logit_softcapping=config.final_logit_softcap)
+  if not config.qk_norm:
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+            **out}
+  out["rope_local_base_freq"] = config.rope(gemma_lib.LOCAL)[0]
+  if config.rope_scale_factor != 1.0:
+    out["rope_scaling"] = {"rope_type": "linear",
+                           "factor": config.rope_scale_factor}
+  return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+          **out}
+
+
+HF_SINGLE_FILE = "model.safetensors"
+HF_INDEX_FILE = "model.safetensors.index.json"
+
+
+def save_hf_gemma(model: Gemma, path: str | os.PathLike) -> None:
+  """Write ``model`` as HF safetensors: a ``.safetensors`` file, or a
+  directory (created) with ``config.json`` and ``model.safetensors`` that
+  ``Gemma3ForCausalLM.from_pretrained`` (or the Gemma/Gemma 2 class) reads.
+  LoRA adapters are merged."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  arrays = hf_gemma_state_dict(model)
+  path = os.fspath(path)
+  metadata = {"format": "pt"}  # what HF's loader expects of a safetensors file
+  if path.endswith(".safetensors"):
+    save_file(arrays, path, metadata=metadata)
+    return
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_gemma_config_dict(model.config), f, indent=2)
+  save_file(arrays, os.path.join(path, HF_SINGLE_FILE), metadata=metadata)
+
+
+def _hf_files(path: str) -> list[str]:
+  """The safetensors files of a file, a directory, or a shard index."""
+  if os.path.isdir(path):
+    index = os.path.join(path, HF_INDEX_FILE)
+    single = os.path.join(path, HF_SINGLE_FILE)
+    if os.path.exists(index):
+      path = index
+    elif os.path.exists(single):
+      return [single]
+    else:
+      raise ValueError(f"{path}: neither {HF_INDEX_FILE} nor {HF_SINGLE_FILE}")
+  if path.endswith(".json"):
+    with open(path) as f:
+      weight_map = json.load(f)["weight_map"]
+    folder = os.path.dirname(path)
+    return sorted({os.path.join(folder, v) for v in weight_map.values()})
+  return [path]
+
+
+def load_hf_gemma(path: str | os.PathLike, config: GemmaConfig,
+                  mesh: Optional[Mesh] = None) -> Gemma:
+  """A :class:`Gemma` from HF safetensors (a file, a directory holding
+  ``model.safetensors`` or its shard index), e.g. a ``google/gemma-3-1b-pt``
+  download with ``config=gemma.gemma3_1b()``. Errors name ``path`` and the
+  key, as :func:`params_from_hf_gemma`."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(os.fspath(path))
+  arrays: dict[str, np.ndarray] = {}
+  for file in _hf_files(path):
+    arrays.update(load_file(file))
+  params = params_from_hf_gemma(arrays, config, source=path)
+  return model_from_params(config, params, mesh)
+
+
+# GGUF tensors (llama.cpp's names, as gguf_loader reads them dequantized).
+
+
+def _gguf_entries(config: GemmaConfig) -> dict[str, _Entry]:
+  n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+  d, f = config.d_model, config.mlp_dim
+
+  def linear(path: Path, out_features: int, in_features: int) -> _Entry:
+    # GGUF's ne = [in, out]: the numpy view is (out, in), as torch's.
+    return (((out_features, in_features),),
+            lambda x: {path + ("kernel",): x.T})
+
+  def norm(path: Path, dim: Optional[int] = None) -> _Entry:
+    return _norm(config, path, dim, offset=-1.0)
+
+  entries = {
+      "token_embd.weight": _embedding_entry(config, (config.vocab_size,)),
+      "output_norm.weight": norm(("final_norm",)),
+  }
+  norms = {"attn_norm": "pre_attention_norm", "ffn_norm": "pre_ffw_norm"}
+  if config.post_norms:
+    norms.update(post_attention_norm="post_attention_norm",
+                 post_ffw_norm="post_ffw_norm")
+  for i in range(config.num_layers):
+    prefix, layer = f"blk.{i}", ("layers", i)
+    attn, mlp = layer + ("attn",), layer + ("mlp",)
+    for gguf_name, name in norms.items():
+      entries[f"{prefix}.{gguf_name}.weight"] = norm(layer + (name,))
+    entries[f"{prefix}.attn_q.weight"] = linear(attn + ("q",), n * h, d)
+    entries[f"{prefix}.attn_k.weight"] = linear(attn + ("k",), k * h, d)
+    entries[f"{prefix}.attn_v.weight"] = linear(attn + ("v",), k * h, d)
+    entries[f"{prefix}.attn_output.weight"] = linear(attn + ("o",), d, n * h)
+    if config.qk_norm:
+      entries[f"{prefix}.attn_q_norm.weight"] = norm(attn + ("q_norm",), h)
+      entries[f"{prefix}.attn_k_norm.weight"] = norm(attn + ("k_norm",), h)
+    entries[f"{prefix}.ffn_gate.weight"] = linear(mlp + ("gate",), f, d)
+    entries[f"{prefix}.ffn_up.weight"] = linear(mlp + ("up",), f, d)
+    entries[f"{prefix}.ffn_down.weight"] = linear(mlp + ("down",), d, f)
+  return entries
+
+
+def params_from_gguf_tensors(tensors: Mapping[str, np.ndarray],
+                             config: GemmaConfig,
+                             source: str = "GGUF tensors") -> dict:
+  """llama.cpp's dequantized Gemma tensors -> our params.
+
+  The file's conventions: matrices ``(out, in)``, norm weights stored as
+  ``1 + scale``, the output layer tied to ``token_embd`` (a separate
+  ``output.weight`` is rejected as unexpected).
+
+  Returns:
+    The nested form of ``nnx.state(Gemma)``, as
+    :func:`params_from_gemma_checkpoint`.
+  """
+  return _convert(tensors, _gguf_entries(config), config, source)
