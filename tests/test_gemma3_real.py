@@ -61,7 +61,8 @@ def hf_model(path):
   processor = transformers.modeling_gguf_pytorch_utils.TENSOR_PROCESSORS[
       "gemma3"]()
   # Every weight is overwritten below: skip torch's random init (seconds).
-  with transformers.initialization.no_init_weights():
+  from transformers.initialization import no_init_weights  # pylint: disable=import-outside-toplevel
+  with no_init_weights():
     model = transformers.Gemma3ForCausalLM(config).eval()
   tensors = gguf_loader.read_gguf(path).tensors()
   state = {}
