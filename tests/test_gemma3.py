@@ -18,6 +18,7 @@ from flax import nnx
 
 from rite_optax.models import gemma as gemma_lib
 from rite_optax.models import gemma_loader
+from rite_optax.models import gguf_loader
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -285,3 +286,47 @@ def test_gguf_tensors_conventions():
   tensors["output.weight"] = tensors["token_embd.weight"]
   with pytest.raises(ValueError, match="my.gguf: unexpected 'output.weight'"):
     gemma_loader.params_from_gguf_tensors(tensors, CONFIG, source="my.gguf")
+
+
+def _gguf_contents(tmp_path, **metadata):
+  # A cache entry as read_gguf leaves it, for a 270M-shaped file.
+  (tmp_path / "tensors").mkdir()
+  np.save(tmp_path / "tensors" / "token_embd.weight.npy",
+          np.zeros((262_144, 1), np.float32))
+  fields = {"general.architecture": "gemma3", "gemma3.block_count": 18,
+            "gemma3.embedding_length": 640, "gemma3.feed_forward_length": 2048,
+            "gemma3.attention.head_count": 4,
+            "gemma3.attention.head_count_kv": 1,
+            "gemma3.attention.key_length": 256,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+            "gemma3.rope.freq_base": 1e6,
+            "gemma3.attention.sliding_window": 512, **metadata}
+  return gguf_loader.GGUFContents("/models/my.gguf", tmp_path, fields,
+                                  {"token_embd.weight": "Q8_0"})
+
+
+def test_gguf_config_from_metadata_and_preset(tmp_path):
+  contents = _gguf_contents(tmp_path)
+  assert gguf_loader.config_from_gguf(contents) == gemma_lib.gemma3_270m()
+  # What the file says wins over the preset; what it lacks is the preset's.
+  scaled = dataclasses.replace(contents, metadata={
+      **contents.metadata, "gemma3.rope.scaling.type": "linear",
+      "gemma3.rope.scaling.factor": 8.0,
+      "gemma3.attention.sliding_window": 256})
+  config = gguf_loader.config_from_gguf(scaled, dtype=jnp.bfloat16)
+  assert (config.rope_scale_factor, config.sliding_window, config.dtype,
+          config.local_rope_base) == (8.0, 256, jnp.bfloat16, 10_000.0)
+  for metadata, message in [
+      ({"general.architecture": "llama"}, "architecture is 'llama'"),
+      ({"gemma3.block_count": 7}, "no Gemma 3 preset has 7 layers"),
+      ({"gemma3.rope.scaling.type": "yarn"}, "'yarn' is not supported")]:
+    bad = dataclasses.replace(contents,
+                              metadata={**contents.metadata, **metadata})
+    with pytest.raises(ValueError, match=f"/models/my.gguf: .*{message}"):
+      gguf_loader.config_from_gguf(bad)
+  missing = dict(contents.metadata)
+  del missing["gemma3.attention.sliding_window"]
+  with pytest.raises(ValueError, match="my.gguf: metadata has no 'gemma3."
+                                       "attention.sliding_window'"):
+    gguf_loader.config_from_gguf(dataclasses.replace(contents,
+                                                     metadata=missing))
