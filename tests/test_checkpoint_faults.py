@@ -72,7 +72,7 @@ def _save_steps(directory, steps, **kwargs):
 def _assert_one_line(error, *names):
   message = str(error)
   assert "\n" not in message and "tensorstore_spec" not in message, message
-  assert len(message) < 800, message
+  assert len(message) < 1400, message
   for name in names:
     assert name in message, (name, message)
 
@@ -140,6 +140,26 @@ def test_nan_on_disk_is_refused_on_restore(tmp_path, monkeypatch):
   _assert_one_line(error.value, "step 2",
                    ".opt_state[0].mu['layer']['lora_b']", "1 non-finite")
   _assert_falls_back_to(tmp_path, broken=2, good=1)
+
+
+def test_checkpoint_without_digests_restores_if_finite(tmp_path, caplog):
+  """Steps written before digests were recorded still restore (finiteness
+  checked, a warning says what was not); a NaN one among them is refused."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ckpt_lib.Checkpoints(tmp_path, async_save=False) as ckpt:
+    for step, state in ((1, _state(1)), (2, jax.tree.map(
+        lambda x: x * jnp.nan if x.dtype == jnp.float32 else x, _state(2)))):
+      ckpt._manager.save(step, args=ocp.args.Composite(  # the old format
+          train_state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave({"step": step, "data_iterator": {
+              "index": step}})))
+  with ckpt_lib.Checkpoints(tmp_path) as ckpt:
+    restored = ckpt.restore_latest_valid(_state(0))
+  assert restored.step == 1
+  _assert_same(restored.state, _state(1))
+  assert "step 2" in caplog.text and ".params['layer']['lora_a'] has" in (
+      caplog.text)
+  assert "has no digests" in caplog.text
 
 
 def test_non_finite_state_is_never_saved(tmp_path):

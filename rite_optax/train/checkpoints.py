@@ -110,7 +110,7 @@ class CheckpointSaveError(RuntimeError):
 _TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec.*$")
 
 
-def _one_line(error: BaseException, limit: int = 500) -> str:
+def _one_line(error: BaseException, limit: int = 1000) -> str:
   """``Type: first line`` of an error, at most ``limit`` characters.
 
   TensorStore's errors append the whole JSON spec of the array (~60 lines
