@@ -288,7 +288,10 @@ class Checkpoints:
         ...
         ckpt.save(step, state, data.state())   # writes only every 500 steps
 
-  Every process of a multi-host job must make the same calls.
+  ``save`` refuses a non-finite state and, on every call, raises the
+  :class:`CheckpointSaveError` of a background write that failed (a loop that
+  does not call ``save`` every step calls :meth:`check`). Every process of a
+  multi-host job must make the same calls.
   """
 
   def __init__(self, directory: str | os.PathLike, *,
