@@ -15,6 +15,8 @@ from rite_optax.lora_pro import scale_by_lora_pro
 from rite_optax.lora_rite import ScaleByLoraRiteState
 from rite_optax.lora_rite import lora_rite
 from rite_optax.lora_rite import scale_by_lora_rite
+from rite_optax.lora_rite import skip_metrics
+from rite_optax.lora_rite import warn_if_every_factor_skipped
 from rite_optax.pairs import FactorSpec
 from rite_optax.pairs import find_pairs
 from rite_optax.registry import OPTIMIZERS
@@ -51,4 +53,6 @@ __all__ = [
     "scaled_adamw",
     "scaled_gd",
     "shampoo",
+    "skip_metrics",
+    "warn_if_every_factor_skipped",
 ]

@@ -36,8 +36,11 @@ def transform_factors(params: Any, key: jax.Array, cond: float = 1e4,
   keys = jax.random.split(key, max(len(found.pairs), 1))
   out = []
   for k, (a, b) in zip(keys, found.split(params)):
+    # QR and inverse in float32 or wider: jnp.linalg has no bfloat16 kernels.
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
     s = jax.vmap(lambda kk: ill_conditioned_matrix(kk, a.shape[-1], cond,
-                                                   a.dtype))(
+                                                   dtype))(
         jax.random.split(k, a.shape[0]))
     s_inv_t = jnp.swapaxes(jnp.linalg.inv(s), -1, -2)
     out.append((a @ s, b @ s_inv_t))
@@ -46,9 +49,11 @@ def transform_factors(params: Any, key: jax.Array, cond: float = 1e4,
 
 def lora_products(params: Any,
                   pair_spec: Optional[pairs_lib.SpecFn] = None) -> list[jax.Array]:
-  """``A @ B.T`` per pair, ``(num_batch, m, n)``."""
+  """``A @ B.T`` per pair, ``(num_batch, m, n)``, in float32 or wider."""
   found = pairs_lib.find_pairs(params, pair_spec)
-  return [a @ jnp.swapaxes(b, -1, -2) for a, b in found.split(params)]
+  wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return [wide(a) @ jnp.swapaxes(wide(b), -1, -2)
+          for a, b in found.split(params)]
 
 
 def product_loss(params: Any, key: jax.Array,
@@ -77,6 +82,12 @@ def invariance_gap(optimizer: optax.GradientTransformation, params: Any,
   ``||P_1 - P_2||_F / ||P_1||_F`` with ``P`` all the pairs' products
   together. About ``1e-15 * cond`` for an invariant optimizer in float64;
   of order ``1e-2`` or more for one that is not.
+
+  The transform is computed in float32 or wider (bfloat16 params included)
+  and each transformed factor rounded to its parameter's dtype; the products
+  are formed and compared in float32 or wider. So for bfloat16 params the
+  gap is measured in float32, and includes the bfloat16 rounding of the
+  transformed start (about ``2^-8`` relative): a floor, not drift.
   """
   key_s, key_loss = jax.random.split(jax.random.PRNGKey(seed))
   if loss_fn is None:

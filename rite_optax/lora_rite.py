@@ -27,6 +27,8 @@ How it is computed, and why:
 from __future__ import annotations
 
 import functools
+import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -64,6 +66,11 @@ class ScaleByLoraRiteState(NamedTuple):
     mu: whitened first moments, each factor's own shape.
     basis: previous bases scaled by the partner's second moment, each
       factor's own shape (zeros at init, as ``U_old``).
+    skipped: ``int32 (*batch,)`` per factor: 1 where the last update skipped
+      that factor (1.4, or a non-finite gradient), else 0. Its sum is the
+      ``skipped_factors`` of :func:`skip_metrics`.
+    total_skipped: ``int32``, factors skipped over all updates (each stacked
+      layer counts once), as ``optax.apply_if_finite``'s ``total_notfinite``.
     nu: with ``escape=True`` only (else ``None``): the eigenvalues ``w`` of
       each factor's second moment, ``(*batch, r)``, for 1.7.
     escape_mass: with ``escape=True`` only: ``(*batch,)`` (``rho_A``).
@@ -72,6 +79,8 @@ class ScaleByLoraRiteState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   basis: optax.Updates
+  skipped: optax.Updates
+  total_skipped: jax.Array
   nu: Optional[optax.Updates] = None
   escape_mass: Optional[optax.Updates] = None
 
@@ -107,20 +116,38 @@ def _nan_to_zero(x: jax.Array) -> jax.Array:
 # ------------------------------------------------ r x r math of one factor
 
 
-def _second_pass(gram_u1, cross, m1, r1):
+def _revealed_spectrum(w: jax.Array, rtol: float
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Eigenvalues of a second moment with a rank-revealing cutoff.
+
+  ``w`` (from ``eigh``) -> ``(w', present)``: ``present`` marks the
+  eigenvalues above ``rtol * max(w)``, the others (and rounding errors below
+  zero) are 0 in ``w'``. With ``rtol = 0`` every direction is present
+  (ALGORITHMS.md 1.9 exactly). See "Rank-deficient gradients" there.
+  """
+  w = jnp.maximum(w, 0.0)
+  if rtol == 0:
+    return w, jnp.ones(w.shape, bool)
+  present = w > rtol * jnp.max(w)
+  return jnp.where(present, w, 0.0), present
+
+
+def _second_pass(gram_u1, cross, m1, r1, *, factor_rtol):
   """1.2's second pass and 1.6's basis change, for one factor.
 
   ``gram_u1 = U1.T U1``, ``cross = U1.T basis_old`` for the first pass's
   ``U1 = X m1``. Returns ``m2`` (``U = U1 m2``), ``R^+ = m1 m2`` and the basis
   change ``C = U.T basis_old = m2.T cross``, which transports the *other*
-  factor's moments.
+  factor's moments. Rows of ``R`` at or below ``factor_rtol`` times the
+  largest are dropped (:func:`rite_optax.linalg.gram_second_pass`).
   """
-  m2 = linalg.gram_second_pass(gram_u1, r1)
+  m2 = linalg.gram_second_pass(gram_u1, r1, factor_rtol)
   return m2, m1 @ m2, m2.T @ cross
 
 
 def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
-                  partner_m2, eig_old, rho, t, *, b1, b2, eps, escape: bool):
+                  partner_m2, eig_old, rho, t, *, b1, b2, eps, escape: bool,
+                  rank_rtol):
   """ALGORITHMS.md 1.6-1.10 and 1.12 for one factor, in ``r x r`` matrices.
 
   ``transport`` is ``C = U'.T basis_old`` of the *other* factor (in whose
@@ -153,11 +180,12 @@ def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
 
   # 1.9: V = Q diag(w) Q.T, Vis Q = Q diag(1 / (sqrt(w + rho) + eps)).
   w, q = jnp.linalg.eigh(nu)
-  w_clip = jnp.maximum(w, 0.0)
-  vis = 1.0 / (jnp.sqrt(jnp.maximum(w_clip + rho, 0.0))
-               + jnp.asarray(eps, dtype))
-  root = jnp.sqrt(w_clip)
-  whiten = jnp.where(w_clip > 0, 1.0 / jnp.where(w_clip > 0, root, 1.0), 0.0)
+  w, present = _revealed_spectrum(w, rank_rtol)
+  vis = 1.0 / (jnp.sqrt(jnp.maximum(w + rho, 0.0)) + jnp.asarray(eps, dtype))
+  # Directions of V that rounding cannot tell from 0 get no step (not 1/eps).
+  vis = jnp.where(present, vis, 0.0)
+  root = jnp.sqrt(w)
+  whiten = jnp.where(w > 0, 1.0 / jnp.where(w > 0, root, 1.0), 0.0)
 
   # 1.10 in whitened coordinates: mu = M Q diag(w)^-1/2 with
   # M = bc1 M' + (1 - bc1) nan_to_zero(Gbar Vis), M' = mu_old C.T.
@@ -226,6 +254,46 @@ def _alike_groups(found: pairs_lib.LoraPairs, sizes, dtypes) -> list[_Group]:
           for group, start in zip(members.values(), starts)]
 
 
+def second_moment_rtol(rank: int, dtype: Any) -> float:
+  """Eigenvalues of a second moment ``V`` at or below this times the largest
+  are absent (1.9): ``10 r eps``, the resolution of ``eigh`` in ``dtype``
+  (``jnp.linalg.pinv``'s rule)."""
+  return 10 * rank * float(jnp.finfo(dtype).eps)
+
+
+def factor_rtol(rank: int, dtype: Any) -> float:
+  """Singular values of a factor's ``R`` at or below this times the largest
+  are absent (1.3, 1.12): ``max(10 r eps, min(sqrt(eps), 1e-6))``.
+
+  Rounding leaves noise in a factor the optimizer built, relative to its
+  largest singular value, about ``eps`` times the dynamic range of the
+  preconditioner (up to ``1 / eps`` of the spec). In float64, ``sqrt(eps) =
+  1.5e-8`` separates that noise from real directions; in float32 nothing
+  above ``pinv``'s ``10 r eps`` is safe to cut (a factor of condition number
+  1e5 is common), and the cutoff of :func:`second_moment_rtol` keeps the noise
+  below it. Factors of condition number up to ``1e6`` are resolved in every
+  dtype, so the invariance holds for transforms that keep them so.
+  """
+  eps = float(jnp.finfo(dtype).eps)
+  return max(10 * rank * eps, min(float(np.sqrt(eps)), 1e-6))
+
+
+def _check_number(name: str, value: Any, kind: str = "a number") -> None:
+  """Refuse, when the optimizer is built, a hyperparameter that is no number
+  (a string such as ``"1e-3"`` included): optax would fail, or convert it,
+  only at the first update."""
+  if isinstance(value, (bool, str, bytes)) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)):
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+  if not jnp.issubdtype(jnp.result_type(value), jnp.number):
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _known_zero(x: Any) -> bool:
+  """True only for a hyperparameter known at trace time to be 0."""
+  return isinstance(x, (int, float)) and x == 0
+
+
 def _maybe_positive(x: Any) -> bool:
   """False only for a hyperparameter known at trace time to be <= 0."""
   return not isinstance(x, (int, float)) or x > 0
@@ -241,8 +309,10 @@ def scale_by_lora_rite(
     escape: bool = False,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    weight_decay: float = 0.0,
+    rank_revealing: bool = True,
 ) -> optax.GradientTransformation:
-  """LoRA-RITE's preconditioning (ALGORITHMS.md 1, steps 1-12).
+  """LoRA-RITE's preconditioning (ALGORITHMS.md 1, steps 1-13, and 1b).
 
   The tree given to ``init`` and ``update`` holds LoRA factors only, in any
   layout :mod:`rite_optax.pairs` recognises (or describes with
@@ -278,6 +348,15 @@ def scale_by_lora_rite(
       last ``r x r`` product rather than a separate pass over the factors as
       ``optax.scale_by_learning_rate`` would be. A schedule is evaluated at
       the step count.
+    weight_decay: step 13, ``D + weight_decay * X`` (times
+      ``-learning_rate`` if that is given).
+    rank_revealing: treat directions that rounding cannot tell from zero as
+      absent: eigenvalues of ``V`` at or below ``10 r eps`` of the largest get
+      no step, and singular values of a factor at or below
+      :func:`factor_rtol` of the largest are dropped from ``R^+``. Keeps
+      training bounded when the gradient has rank below ``r`` (``B = 0``
+      init, few tokens per step). ``False``: ALGORITHMS.md 1 exactly. See
+      ALGORITHMS.md 1b.
 
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops: per factor ten products of
   the factor's size with ``r x r`` matrices (about ``20 (m + n) r^2``), and
@@ -287,11 +366,30 @@ def scale_by_lora_rite(
   ``escape=True``.
   """
 
+  for name, value in dict(
+      b1=b1, b2=b2, eps=eps, clip_unmagnified_grad=clip_unmagnified_grad,
+      update_skipping=update_skipping, update_capping=update_capping,
+      weight_decay=weight_decay).items():
+    _check_number(name, value)
+  if learning_rate is not None and not callable(learning_rate):
+    _check_number("learning_rate", learning_rate, "a number, an array or a "
+                  "schedule (step -> number)")
+  if pair_spec is not None and not callable(pair_spec):
+    raise ValueError(
+        f"pair_spec must be a function (path, leaf) -> FactorSpec | None, got "
+        f"{type(pair_spec).__name__}. Under optax.inject_hyperparams, pass "
+        "static_args='pair_spec' (optax would call it as a schedule)")
+
   def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
   def find_pairs(params):
     found = pairs_lib.find_pairs(params, pair_spec)
+    for layout, leaf in zip(found.layouts, jax.tree_util.tree_leaves(params)):
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(
+            f"{layout.path}: LoRA-RITE trains floating-point factors, but "
+            f"this one has dtype {leaf.dtype}")
     for pair in found.pairs:
       for layout in (pair.a, pair.b):
         if layout.rows < layout.rank:
@@ -318,6 +416,9 @@ def scale_by_lora_rite(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros, params),
         basis=jax.tree.map(zeros, params),
+        skipped=found.init_per_adapter(params, lambda l: (),
+                                       [jnp.int32] * len(dtypes)),
+        total_skipped=jnp.zeros([], jnp.int32),
         nu=nu,
         escape_mass=escape_mass,
     )
@@ -328,6 +429,8 @@ def scale_by_lora_rite(
                        "built from the current factors")
     found = find_pairs(params)
     found.check_like(updates, "gradient")
+    found.check_like(state.mu, "state.mu")
+    found.check_like(state.basis, "state.basis")
     out_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
     num_pairs = len(found.pairs)
     rank_first = [(p.a.rank_first, p.b.rank_first) for p in found.pairs]
@@ -375,7 +478,11 @@ def scale_by_lora_rite(
     gram_u1, cross = gram(u1, u1), gram(u1, basis)
     r_pinv, second = empty(), []
     for group, (m1_g, r1_g) in zip(groups, first):
-      m2_g, r_pinv_g, transport_g = _on_both_sides(_second_pass)(
+      rank, dtype = m1_g.shape[-1], m1_g.dtype
+      second_pass = functools.partial(
+          _second_pass,
+          factor_rtol=factor_rtol(rank, dtype) if rank_revealing else None)
+      m2_g, r_pinv_g, transport_g = _on_both_sides(second_pass)(
           group.stack(gram_u1), group.stack(cross), m1_g, r1_g)
       group.unstack(r_pinv_g, r_pinv)
       second.append((m2_g, r_pinv_g, transport_g))
@@ -409,11 +516,13 @@ def scale_by_lora_rite(
       eig_old = found.split_per_adapter(state.nu, "state.nu")
       rho = found.split_per_adapter(state.escape_mass, "state.escape_mass")
     k1, k2, k3, k4, eig_new, new_rho = (empty() for _ in range(6))
-    precondition = _on_both_sides(functools.partial(
-        _precondition, b1=b1, b2=b2, eps=eps, escape=escape))
     for group, (m2_g, r_pinv_g, transport_g), raw_g, keep_g, rows_g in zip(
         groups, second, raw, keep, rows):
       dtype = raw_g.dtype
+      precondition = _on_both_sides(functools.partial(
+          _precondition, b1=b1, b2=b2, eps=eps, escape=escape,
+          rank_rtol=second_moment_rtol(raw_g.shape[-1], dtype)
+          if rank_revealing else 0.0))
       if escape:
         eig_old_g, rho_g = group.stack(eig_old), group.stack(rho)
       else:
@@ -447,11 +556,17 @@ def scale_by_lora_rite(
         return k * factor.astype(k.dtype)[:, None, None]
       k3 = per_factor(capped, new_mu, eig_new, k3)
     # 1.12: back to factor coordinates, and 1.14's -learning_rate if ours.
+    decay = weight_decay
     if learning_rate is not None:
       step_size = (learning_rate(state.count) if callable(learning_rate)
                    else learning_rate)
       k3 = per_factor(lambda _, k: -jnp.asarray(step_size, k.dtype) * k, k3)
+      decay = -step_size * weight_decay
     directions = times(new_mu, k3)
+    # 1.13: weight decay, D + weight_decay X (times 1.14's -learning_rate).
+    if not _known_zero(weight_decay):
+      directions = per_factor(
+          lambda _, d, v: d + jnp.asarray(decay, d.dtype) * v, directions, x)
     # 1.14: U_old = U, kept as the other factor's second-moment root.
     new_basis = times(u1, k4)
 
@@ -459,10 +574,16 @@ def scale_by_lora_rite(
     if escape:
       nu = found.merge_per_adapter(state.nu, eig_new)
       escape_mass = found.merge_per_adapter(state.escape_mass, new_rho)
+    skipped = empty()
+    for group, keep_g in zip(groups, keep):
+      group.unstack((~keep_g).astype(jnp.int32), skipped)
+    num_skipped = sum(jnp.sum(k == 0) for k in keep).astype(jnp.int32)
     new_state = ScaleByLoraRiteState(
         count=optax.safe_increment(state.count),
         mu=found.merge(state.mu, new_mu, native=True),
         basis=found.merge(state.basis, new_basis, native=True),
+        skipped=found.merge_per_adapter(state.skipped, skipped),
+        total_skipped=state.total_skipped + num_skipped,
         nu=nu,
         escape_mass=escape_mass,
     )
@@ -483,33 +604,83 @@ def lora_rite(
     weight_decay: float = 0.0,
     escape: bool = False,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    rank_revealing: bool = True,
 ) -> optax.GradientTransformation:
   """LoRA-RITE (Yen et al., ICLR 2025), ALGORITHMS.md 1, defaults included.
 
-  ``chain(scale_by_lora_rite(...), add_decayed_weights(weight_decay),
-  scale_by_learning_rate(learning_rate))``: steps 13 and 14 are optax's own.
-  Without weight decay (``weight_decay`` a Python 0), the learning rate is
-  passed to :func:`scale_by_lora_rite` instead, which folds it into its last
-  ``r x r`` product (one pass over the factors less); the chain then has
-  that one element, so ``state[0]`` is the :class:`ScaleByLoraRiteState`
-  either way. ``learning_rate`` may be a schedule. Use it like any optax
-  optimizer, on a tree of LoRA factors (``nnx.state(model, nnx.LoRAParam)``)::
+  One :func:`scale_by_lora_rite` that also does steps 13 and 14: the
+  learning rate and the weight decay are folded into its last ``r x r``
+  product (one pass over the factors less than optax's
+  ``add_decayed_weights`` and ``scale_by_learning_rate`` would take). The
+  optimizer is a one-element ``optax.chain`` whatever the hyperparameters'
+  values, so ``state[0]`` is the :class:`ScaleByLoraRiteState` and a
+  checkpoint carries between runs with and without weight decay (only
+  ``escape``, a structural flag, adds state). ``learning_rate`` may be a
+  schedule. Use it like any optax optimizer, on a tree of LoRA factors
+  (``nnx.state(model, nnx.LoRAParam)``)::
 
       tx = optax.chain(optax.clip_by_global_norm(1.0),
                        rite_optax.lora_rite(1e-3))
 
+  With ``optax.inject_hyperparams``, a ``pair_spec`` function must be named
+  static (``static_args="pair_spec"``) or wrapped in
+  :class:`rite_optax.pairs.PairSpec`: optax takes any callable for a
+  schedule and would call it with the step count.
+
   See :func:`scale_by_lora_rite` for the arguments, the cost and the state.
   """
-  hparams = dict(b1=b1, b2=b2, eps=eps,
-                 clip_unmagnified_grad=clip_unmagnified_grad,
-                 update_skipping=update_skipping,
-                 update_capping=update_capping, escape=escape,
-                 pair_spec=pair_spec)
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-    return optax.chain(scale_by_lora_rite(learning_rate=learning_rate,
-                                          **hparams))
-  return optax.chain(
-      scale_by_lora_rite(**hparams),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  if learning_rate is None:
+    raise ValueError("learning_rate must be a number, an array or a schedule "
+                     "(step -> number), got None")
+  return optax.chain(scale_by_lora_rite(
+      b1=b1, b2=b2, eps=eps, clip_unmagnified_grad=clip_unmagnified_grad,
+      update_skipping=update_skipping, update_capping=update_capping,
+      escape=escape, pair_spec=pair_spec, learning_rate=learning_rate,
+      weight_decay=weight_decay, rank_revealing=rank_revealing))
+
+
+def skip_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """How many LoRA factors the last update skipped, for a train step's metrics.
+
+  ``skipped_factors``: the factors (one per stacked layer) that the last
+  update of every :class:`ScaleByLoraRiteState` in ``opt_state`` skipped
+  (1.4, or a non-finite gradient); ``skippable_factors``: how many there are.
+  Both 0 for an optimizer without such a state. Jit-compatible; pass the
+  result to :func:`warn_if_every_factor_skipped` on the host.
+  """
+  states = [leaf for leaf in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ScaleByLoraRiteState))
+            if isinstance(leaf, ScaleByLoraRiteState)]
+  flags = [leaf for st in states for leaf in jax.tree_util.tree_leaves(
+      st.skipped)]
+  skipped = sum((jnp.sum(f, dtype=jnp.int32) for f in flags),
+                jnp.zeros([], jnp.int32))
+  return {"skipped_factors": skipped,
+          "skippable_factors": jnp.asarray(sum(f.size for f in flags),
+                                           jnp.int32)}
+
+
+_warned_every_factor_skipped = False
+
+
+def warn_if_every_factor_skipped(metrics: dict[str, Any]) -> bool:
+  """Warn, once per process, when a step skipped every LoRA factor.
+
+  ``metrics`` holds :func:`skip_metrics`'s keys (as the train step's do).
+  Host side: call it in the train loop with each step's metrics. Returns
+  whether it warned now.
+  """
+  global _warned_every_factor_skipped
+  total = int(metrics.get("skippable_factors", 0))
+  if (_warned_every_factor_skipped or total == 0
+      or int(metrics.get("skipped_factors", 0)) < total):
+    return False
+  _warned_every_factor_skipped = True
+  warnings.warn(
+      f"LoRA-RITE skipped all {total} LoRA factors in this step, so nothing "
+      "trained: every unmagnified gradient had an rms above update_skipping "
+      "(or a non-finite entry). With a summed rather than mean loss, or a "
+      "large loss scale, gradients are that large by construction: use a "
+      "mean loss, or raise update_skipping (0 disables skipping).",
+      RuntimeWarning, stacklevel=2)
+  return True

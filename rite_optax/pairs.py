@@ -245,6 +245,15 @@ def _resolve(path: KeyPath, leaf: Any, spec: Optional[SpecFn],
   factor = spec(path, leaf) if spec is not None else None
   if factor is None:
     factor = auto_factor_spec(path, leaf)
+  if factor is None and any(
+      part in _PEFT_NAMES for key in path for part in str(_key_name(key))
+      .split(".")[:-1]):
+    raise ValueError(
+        f"{where}: a flat key of a PEFT state dict ('...lora_A.weight'): the "
+        "automatic rules read nested trees. Nest it first, e.g. "
+        "flax.traverse_util.unflatten_dict({tuple(k.split('.')): v for k, v "
+        "in state_dict.items()}), so that the factor is "
+        "...['lora_A']['weight']")
   if factor is None:
     raise ValueError(
         f"{where}: leaf of shape {tuple(leaf.shape)} belongs to no LoRA pair. "
@@ -289,8 +298,23 @@ class LoraPairs:
     return leaves
 
   def check_like(self, tree: Any, what: str) -> None:
-    """Raise if ``tree`` does not have the parameters' leaves and shapes."""
-    for layout, leaf in zip(self.layouts, self._leaves(tree, what)):
+    """Raise if ``tree`` does not have the parameters' paths and shapes."""
+    leaves = self._leaves(tree, what)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [path_str(path, "params") for path, _ in flat]
+    expected = [layout.path for layout in self.layouts]
+    if paths != expected:
+      extra = sorted(set(paths) - set(expected))
+      missing = sorted(set(expected) - set(paths))
+      if extra or missing:
+        raise ValueError(
+            f"{what} does not have the parameters' tree: "
+            + "; ".join(part for part in (
+                f"{what} has {', '.join(extra)}" if extra else "",
+                f"the parameters have {', '.join(missing)}" if missing
+                else "") if part))
+      raise ValueError(f"{what} has the parameters' keys in another order")
+    for layout, leaf in zip(self.layouts, leaves):
       if tuple(leaf.shape) != layout.shape:
         raise ValueError(
             f"{layout.path}: {what} has shape {tuple(leaf.shape)} but the "
@@ -375,7 +399,7 @@ def find_pairs(tree: Any, spec: Optional[SpecFn] = None,
           f"pair (the first is {other})")
     group[layout.side] = index
   pairs = []
-  for group in groups.values():
+  for pair_key, group in groups.items():
     if len(group) != 2:
       (side, index), = group.items()
       missing = "output-side" if side == "in" else "input-side"
@@ -383,6 +407,8 @@ def find_pairs(tree: Any, spec: Optional[SpecFn] = None,
           f"{layouts[index].path}: LoRA factor has no {missing} partner")
     a, b = layouts[group["in"]], layouts[group["out"]]
     name = _common_prefix(a.path, b.path)
+    if isinstance(pair_key, tuple) and pair_key[:1] == ("gemma",):
+      _check_gemma_batch_dims(name, a, b)
     if a.rank != b.rank:
       raise ValueError(
           f"{name}: input-side factor {a.path} has rank {a.rank} but "
@@ -394,6 +420,30 @@ def find_pairs(tree: Any, spec: Optional[SpecFn] = None,
           f"{b.batch_shape}")
     pairs.append(LoraPair(name, group["in"], group["out"], a, b))
   return LoraPairs(tuple(layouts), tuple(pairs))
+
+
+def _check_gemma_batch_dims(name: str, a: FactorLayout,
+                            b: FactorLayout) -> None:
+  """Refuse what may be the Gemma library's ``LoRADenseGeneral`` with
+  ``batch_dims``: ``a (*batch, *in, r)``, ``b (*batch, r, *out)``, whose
+  batch axes the automatic rule (``b``'s rank axis first) cannot tell from
+  its own layout. Both factors then start with the same axes, and have row
+  axes besides: the signature of shared batch axes (an unbatched adapter
+  has it only when its first input axis has length ``r`` and it has two
+  output axes).
+  """
+  rank = a.shape[-1]
+  for k in range(1, min(len(a.shape) - 1, len(b.shape) - 1)):
+    if a.shape[:k] == b.shape[:k] and b.shape[k] == rank:
+      raise ValueError(
+          f"{name}: lora/a {a.shape} and lora/b {b.shape} share their "
+          f"leading axes {a.shape[:k]}: this looks like the Gemma library's "
+          "LoRADenseGeneral with batch_dims (a (*batch, *in, r), b (*batch, "
+          "r, *out)), which the automatic rule would read as b (r, *out). "
+          "Pass a pair_spec that declares the batch axes, e.g. "
+          f"FactorSpec(pair, 'in', rank_axis=-1, batch_axes={tuple(range(k))})"
+          f" for a and FactorSpec(pair, 'out', rank_axis={k}, "
+          f"batch_axes={tuple(range(k))}) for b")
 
 
 def _common_prefix(a: str, b: str) -> str:

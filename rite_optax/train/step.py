@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rite_optax.lora_rite import skip_metrics
 from rite_optax.models import lora
 from rite_optax.models import sharding as sharding_lib
 
@@ -523,7 +524,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     the gradient of the mean loss) and, with ``skip_nonfinite``,
     ``nonfinite_steps`` (1 if this step was skipped, else 0: summed over
     steps, the number skipped; :class:`NonFiniteSteps` stops a loop on a run
-    of them).
+    of them). ``skipped_factors`` and ``skippable_factors``: LoRA-RITE's
+    factors skipped by this update, and how many there are
+    (:func:`rite_optax.lora_rite.skip_metrics`; pass the metrics to
+    :func:`rite_optax.warn_if_every_factor_skipped` on the host).
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -553,7 +557,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denominator, "tokens": tokens,
-               "grad_norm": optax.tree.norm(grads)}
+               "grad_norm": optax.tree.norm(grads),
+               # LoRA-RITE's skipped factors (0 for other optimizers).
+               **skip_metrics(opt_state)}
     new_state = TrainState(state.step + 1, params, opt_state)
     if skip_nonfinite:
       new_state, metrics["nonfinite_steps"] = keep_finite(
