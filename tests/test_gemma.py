@@ -201,11 +201,18 @@ _PARAMETERS = {
     "gemma2_2b": 2_614_341_888,
     "gemma2_9b": 9_241_705_984,
     "gemma2_27b": 27_227_128_320,
+    # Gemma 3, text only (270M: as the released GGUF file counts it).
+    "gemma3_270m": 268_098_176,
+    "gemma3_1b": 999_885_952,
+    "gemma3_4b": 3_880_099_328,
+    "gemma3_12b": 11_765_788_416,
+    "gemma3_27b": 27_009_002_240,
 }
 # Tracing an init costs time quadratic in the number of layers (a flax RNG
-# counter update inspects every traced op), so the two largest presets are
+# counter update inspects every traced op), so the largest presets are
 # checked at two layers, their full size extrapolated from the layer count.
-_TRUNCATED = ("gemma2_9b", "gemma2_27b")
+_TRUNCATED = ("gemma2_9b", "gemma2_27b", "gemma3_4b", "gemma3_12b",
+              "gemma3_27b")
 
 
 def _abstract_lora_model(config):
