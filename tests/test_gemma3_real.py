@@ -8,7 +8,7 @@ tensor processor, loaded into ``Gemma3ForCausalLM`` (float32, eager
 attention). The dequantized tensors are the same (our cache, which
 ``gguf.quants.dequantize`` wrote). The GGUF conversion is cached under
 ``~/.cache/rite_optax`` (``$RITE_OPTAX_CACHE``) across runs, so only the first
-run pays the ~25 s of parsing and dequantizing.
+run pays the ~40 s of parsing and dequantizing.
 """
 
 import os
