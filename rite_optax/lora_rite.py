@@ -623,9 +623,11 @@ def lora_rite(
                        rite_optax.lora_rite(1e-3))
 
   With ``optax.inject_hyperparams``, a ``pair_spec`` function must be named
-  static (``static_args="pair_spec"``) or wrapped in
-  :class:`rite_optax.pairs.PairSpec`: optax takes any callable for a
-  schedule and would call it with the step count.
+  static (``static_args="pair_spec"``): optax takes any callable for a
+  schedule and calls it with the step count, before this function runs (the
+  error then comes from the spec: "missing 1 required positional argument:
+  'leaf'"); whatever non-callable optax would pass here is refused, with
+  that advice.
 
   See :func:`scale_by_lora_rite` for the arguments, the cost and the state.
   """
