@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/python experiments/finetune.py
+	$(VENV)/bin/python experiments/finetune.py --preset gemma3_270m_arc_easy
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 -q

