@@ -395,7 +395,13 @@ def all_finite(*trees: PyTree) -> jax.Array:
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   if not leaves:
     return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  # x * 0 is 0 where x is finite and NaN where it is not, so one sum of them
+  # is finite exactly when every entry is: a plain reduction per leaf, which
+  # XLA fuses into the producers (a stack of per-leaf all(isfinite) made the
+  # Gemma 3 270M train step compile 30x slower on CPU).
+  total = sum(jnp.sum(x * jnp.zeros([], x.dtype), dtype=jnp.float32)
+              for x in leaves)
+  return jnp.isfinite(total)
 
 
 def keep_finite(old: TrainState, new: TrainState, *checked: PyTree
@@ -417,9 +423,12 @@ def keep_finite(old: TrainState, new: TrainState, *checked: PyTree
     ``int32`` scalar, 1 if ``old``'s params and optimizer state were kept.
   """
   finite = all_finite(new.params, new.opt_state, *checked)
-  params, opt_state = jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o),
-      (new.params, new.opt_state), (old.params, old.opt_state))
+  # One conditional, not a select per leaf: with a select per leaf of the
+  # state, XLA's CPU compile of the Gemma 3 270M step took 424 s instead of
+  # 20 s.
+  params, opt_state = jax.lax.cond(
+      finite, lambda: (new.params, new.opt_state),
+      lambda: (old.params, old.opt_state))
   return (TrainState(new.step, params, opt_state),
           jnp.logical_not(finite).astype(jnp.int32))
 
