@@ -278,24 +278,30 @@ def _log_likelihoods(model: nnx.Module, tokenizer: Tokenizer,
                      max_length: Optional[int]) -> np.ndarray:
   """Summed log-likelihood of each (prompt, choice), in fixed-shape batches.
 
-  A model with ``hidden_states`` is unembedded at the choice tokens only
-  (``score_choices(max_scored_tokens=...)``, the longest choice rounded up).
+  Rows are batched in order of length, each batch padded to the next power
+  of two (at most ``max_length``, which also cuts longer rows as before):
+  a few compiled shapes instead of one, and far less padding when most rows
+  are short. A model with ``hidden_states`` is unembedded at the choice
+  tokens only (``score_choices(max_scored_tokens=...)``, the longest choice
+  rounded up).
   """
   encoded = [_context_and_continuation(tokenizer, p, c) for p, c in pairs]
-  seq_len = max_length or _round_up_length(
-      max(len(ctx) + len(cont) - 1 for ctx, cont in encoded))
+  lengths = np.array([len(ctx) + len(cont) - 1 for ctx, cont in encoded])
+  cap = max_length or _round_up_length(int(lengths.max()))
   scored = None
   if hasattr(model, "hidden_states"):
-    scored = min(seq_len, _round_up_length(
+    scored = min(cap, _round_up_length(
         max(len(cont) for _, cont in encoded)))
-  scores = []
+  order = np.argsort(lengths, kind="stable")
+  scores = np.empty(len(encoded))
   for start in range(0, len(encoded), batch_size):
-    rows = _choice_rows(encoded[start:start + batch_size], seq_len)
-    n = len(rows["inputs"])
+    index = order[start:start + batch_size]
+    seq_len = min(cap, _round_up_length(int(lengths[index].max())))
+    rows = _choice_rows([encoded[i] for i in index], seq_len)
     out = _score_choices_jit(model, _pad_rows(rows, batch_size),
                              max_scored_tokens=scored)
-    scores.append(np.asarray(out["log_likelihood"])[:n])
-  return np.concatenate(scores)
+    scores[index] = np.asarray(out["log_likelihood"])[:len(index)]
+  return scores
 
 
 class ChoiceScores(NamedTuple):
