@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import enum
 import json
 import os
 import pathlib
+import socket
 import sys
+import textwrap
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -34,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
+import rite_optax
 from rite_optax import data as data_lib
 from rite_optax import registry
 from rite_optax.models import gemma
@@ -197,7 +204,20 @@ class FinetuneConfig:
   output_dir: str = _flag("", "default: runs/<model>-<task>-<optimizer>")
   checkpoint_every: int = _flag(100, "steps between checkpoints")
   keep_checkpoints: int = _flag(3, "checkpoints kept")
-  resume: bool = _flag(True, "resume from the output dir's checkpoints")
+  resume: bool = _flag(True, "resume from the output dir's checkpoints; "
+                       "false on a dir holding checkpoints needs --overwrite")
+  overwrite: bool = _flag(
+      False, "with --resume false: move an earlier run in the output dir "
+      "aside (renamed to <output-dir>.before-<time>, never deleted) and "
+      "start over")
+  restart_if_unrestorable: bool = _flag(
+      False, "start from step 0 when the output dir has checkpoints but none "
+      "restores (they are moved to checkpoints/corrupt/); without it, such a "
+      "run is refused")
+  max_nonfinite_steps: int = _flag(
+      20, "stop (exit code 65) after this many consecutive steps whose update "
+      "was skipped as non-finite; the checkpoints stay those of finite "
+      "states; 0: never stop")
   seed: int = _flag(0, "LoRA init and data order")
 
 
@@ -311,6 +331,12 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                                 and FAMILIES[config.family].seq2seq):
     raise ValueError(f"loss_tokens must be >= 0, and 0 for the seq2seq "
                      f"family {config.family!r}; got {config.loss_tokens}")
+  if config.max_nonfinite_steps < 0:
+    raise ValueError(f"max_nonfinite_steps must be >= 0 (0: never stop), got "
+                     f"{config.max_nonfinite_steps}")
+  if config.overwrite and config.resume:
+    raise ValueError("overwrite moves the output dir's run aside to start "
+                     "over: pass it with --resume false")
   mesh_sizes(config.mesh, devices=None)  # raises on a malformed spec
   try:
     json.loads(config.hparams)
@@ -320,10 +346,13 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
 
 
 def config_parser(description: Optional[str] = None,
-                  default_preset: str = "cpu_tiny") -> argparse.ArgumentParser:
+                  default_preset: str = "cpu_tiny",
+                  epilog: Optional[str] = None) -> argparse.ArgumentParser:
   """``--preset NAME``, ``--config FILE``, then one flag per field, each with
-  its help text and default."""
-  parser = argparse.ArgumentParser(description=description)
+  its help text and default; ``epilog`` (kept as written) ends ``--help``."""
+  parser = argparse.ArgumentParser(
+      description=description, epilog=epilog,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default=default_preset,
                       choices=sorted(PRESETS),
                       help=f"the run's starting point (default: "
@@ -353,9 +382,10 @@ def config_parser(description: Optional[str] = None,
 
 def parse_config(argv: Optional[list[str]] = None,
                  description: Optional[str] = None,
-                 default_preset: str = "cpu_tiny") -> FinetuneConfig:
+                 default_preset: str = "cpu_tiny",
+                 epilog: Optional[str] = None) -> FinetuneConfig:
   """The config of ``--preset``, ``--config`` and the flags in ``argv``."""
-  args = config_parser(description, default_preset).parse_args(argv)
+  args = config_parser(description, default_preset, epilog).parse_args(argv)
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(
       FinetuneConfig) if getattr(args, f.name) is not None}
   config = PRESETS[args.preset]
@@ -570,26 +600,72 @@ class OnMesh:
 class MetricsLog:
   """``metrics.jsonl``, TensorBoard events and ``loss.png`` of a run.
 
+  Crash-safe: a run resumed from a checkpoint logs again the steps after it,
+  so the records at steps ``>= keep_before`` (those of a run killed after its
+  last checkpoint) are moved to ``metrics.dropped.jsonl`` and TensorBoard
+  drops its events from that step on (``purge_step``): each step is in
+  ``metrics.jsonl`` once. A line that is no JSON record (torn by a kill
+  mid-write) is moved there too, with a warning naming the file and line.
+
   With ``enabled=False`` (every process but the first of a multi-host run)
   only the in-memory history is kept and nothing is written.
   """
 
-  def __init__(self, output_dir: pathlib.Path, enabled: bool = True):
+  def __init__(self, output_dir: pathlib.Path, enabled: bool = True,
+               keep_before: int = 0):
+    """``keep_before``: the first step this run logs (``start + 1`` when
+    resumed at ``start``; 0 from scratch, which logs the base at step 0)."""
     self.output_dir = output_dir
     self.enabled = enabled
     self.history: dict[str, list[tuple[int, float]]] = {}
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # rite_optax[experiments]
-    self.writer = SummaryWriter(str(output_dir / "tb"))
+    self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=keep_before)
     path = output_dir / "metrics.jsonl"
-    if path.exists():  # a resumed run: its curves continue the earlier ones
-      for line in path.read_text().splitlines():
-        record = json.loads(line)
-        for name, value in record.items():
-          if name != "step":
-            self.history.setdefault(name, []).append((record["step"], value))
+    for record in self._keep_records_before(path, keep_before):
+      for name, value in record.items():
+        if name != "step":
+          self.history.setdefault(name, []).append((record["step"], value))
     self.jsonl = open(path, "a", encoding="utf-8")
+
+  @staticmethod
+  def _keep_records_before(path: pathlib.Path, keep_before: int
+                           ) -> list[dict[str, Any]]:
+    """The records of ``path`` at steps before ``keep_before``; the rest, and
+    torn lines, are appended to ``metrics.dropped.jsonl`` (never deleted)."""
+    if not path.exists():
+      return []
+    kept, later, torn = [], [], []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(
+            record.get("step"), int):
+          raise ValueError("no record")
+      except ValueError:  # JSONDecodeError and UnicodeDecodeError too
+        torn.append(line)
+        warnings.warn(f"{path}:{number}: dropped a torn line (a process "
+                      f"killed while writing it): {line[:80]!r}",
+                      RuntimeWarning, stacklevel=3)
+        continue
+      (kept if record["step"] < keep_before else later).append(record)
+    if not (later or torn):
+      return kept
+    if later:
+      print(f"{path}: {len(later)} records of steps >= {keep_before} "
+            f"(logged after the checkpoint this run starts from, and logged "
+            f"again now) moved to metrics.dropped.jsonl", file=sys.stderr)
+    with open(path.with_name("metrics.dropped.jsonl"), "ab") as dropped:
+      dropped.writelines([json.dumps(r).encode() + b"\n" for r in later]
+                         + [line + b"\n" for line in torn])
+    rewritten = path.with_name(path.name + ".tmp")
+    rewritten.write_text("".join(json.dumps(r) + "\n" for r in kept),
+                         encoding="utf-8")
+    os.replace(rewritten, path)  # atomic: a kill now leaves either file
+    return kept
 
   def log(self, step: int, values: dict[str, float]) -> None:
     for name, value in values.items():
@@ -634,23 +710,303 @@ STATE_FIELDS = ("model", "family", "checkpoint", "lora_rank", "lora_alpha",
                 "batch_size", "max_len", "seed")
 
 
+class OutputDirRefused(ValueError):
+  """A start that would lose the output dir's earlier run, or mix it up with
+  another one. Nothing was changed."""
+
+
+class OutputDirLocked(RuntimeError):
+  """Another process (alive, or on another host) holds the output dir's lock."""
+
+
+class ExitCode(enum.IntEnum):
+  """The main job's exit codes (``experiments/finetune.py``), for retry loops
+  (the numbers are sysexits.h's of the same meaning)."""
+
+  DONE = 0
+  NONFINITE = 65  # EX_DATAERR
+  LOCKED = 73  # EX_CANTCREAT
+  SAVE_FAILED = 74  # EX_IOERR
+  PREEMPTED = 75  # EX_TEMPFAIL
+  REFUSED = 78  # EX_CONFIG
+
+
+_EXIT_MEANINGS = {
+    ExitCode.DONE: "done: the run reached --steps",
+    ExitCode.PREEMPTED: "preempted (SIGTERM): a checkpoint was saved; run the "
+                        "same command again to resume",
+    ExitCode.NONFINITE: "stopped after --max-nonfinite-steps consecutive "
+                        "non-finite steps; the checkpoints are finite (lower "
+                        "the learning rate, then resume)",
+    ExitCode.SAVE_FAILED: "a checkpoint save failed (disk full, lost mount): "
+                          "the message names the path; earlier steps are kept",
+    ExitCode.LOCKED: "another process holds the output dir's lock.json (its "
+                     "pid and host are named)",
+    ExitCode.REFUSED: "refused to start: it would lose or mix up the output "
+                      "dir's earlier run (the message says which flag "
+                      "starts over, moving it aside)",
+}
+EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
+    textwrap.fill(meaning, 78, initial_indent=f"  {int(code):>3}  ",
+                  subsequent_indent=" " * 7)
+    for code, meaning in _EXIT_MEANINGS.items()
+) + "\n  other: 1, an error with its traceback; 2, bad flags"
+
+
+def exit_code(error: BaseException) -> Optional[ExitCode]:
+  """The :class:`ExitCode` of a fault :func:`fit` raises; None for others."""
+  for kind, code in ((OutputDirRefused, ExitCode.REFUSED),
+                     (OutputDirLocked, ExitCode.LOCKED),
+                     (step_lib.NonFiniteStepsError, ExitCode.NONFINITE),
+                     (ckpt_lib.CheckpointSaveError, ExitCode.SAVE_FAILED)):
+    if isinstance(error, kind):
+      return code
+  return None
+
+
+class RunLock:
+  """``<output_dir>/lock.json``: one process per output dir.
+
+  The file holds the holder's pid, host and start time. A lock left by a
+  process of this host that is gone (SIGKILL, OOM) is taken over with a
+  message; any other is refused (:class:`OutputDirLocked`) naming the holder:
+  a lock of another host cannot be checked, so remove it by hand once that
+  run is gone. On a multi-host slice the first process holds it.
+  """
+
+  NAME = "lock.json"
+  _held_here: set[str] = set()  # paths locked by this process
+
+  def __init__(self, output_dir: pathlib.Path):
+    self.path = output_dir / self.NAME
+
+  def _holder(self) -> dict[str, Any]:
+    try:
+      holder = json.loads(self.path.read_text(encoding="utf-8"))
+      return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+      return {}  # unreadable: held by an unknown process
+
+  def _is_stale(self, holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname() or not isinstance(
+        holder.get("pid"), int):
+      return False
+    if holder["pid"] == os.getpid():
+      # This pid, but not taken by this process: a previous incarnation's (a
+      # restarted container reuses pids).
+      return str(self.path) not in self._held_here
+    try:
+      os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+      return True
+    except PermissionError:
+      return False  # alive, another user's
+    return False
+
+  def acquire(self) -> "RunLock":
+    mine = {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if not self._is_stale(holder):
+          raise OutputDirLocked(
+              f"{self.path} is held by pid {holder.get('pid', '?')} on host "
+              f"{holder.get('host', '?')} (since "
+              f"{holder.get('since', '?')}): another run uses this output "
+              f"dir; wait for it, or remove the file if that run is gone"
+          ) from None
+        print(f"{self.path}: taking over the lock of pid {holder['pid']} on "
+              f"{holder['host']}, which is no longer running", file=sys.stderr)
+        if self._holder() == holder:  # not taken over meanwhile
+          self.path.unlink(missing_ok=True)
+        continue
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(mine, f)
+      self._held_here.add(str(self.path))
+      return self
+    raise OutputDirLocked(f"{self.path}: lost the race for the lock")
+
+  def release(self) -> None:
+    if str(self.path) in self._held_here:
+      self._held_here.discard(str(self.path))
+      if self._holder().get("pid") == os.getpid():
+        self.path.unlink(missing_ok=True)
+
+
+def checkpoint_steps(output_dir: pathlib.Path) -> list[int]:
+  """The steps saved in ``<output_dir>/checkpoints``, oldest first."""
+  directory = output_dir / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and p.is_dir())
+
+
+def _holds_checkpoints(output_dir: pathlib.Path) -> bool:
+  quarantined = output_dir / "checkpoints" / ckpt_lib.QUARANTINE_DIR
+  return bool(checkpoint_steps(output_dir)) or (
+      quarantined.is_dir() and any(quarantined.iterdir()))
+
+
+def _saved_config(path: pathlib.Path) -> dict[str, Any]:
+  """A saved config, a field it lacks (written before the field existed)
+  with its default."""
+  saved = json.loads(path.read_text())
+  defaults = dataclasses.asdict(FinetuneConfig())
+  return {f: saved.get(f, default) for f, default in defaults.items()}
+
+
 def check_resumable(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
-  """Refuse to resume checkpoints written by a run with another state."""
-  saved = output_dir / "config.json"
-  if not (config.resume and saved.exists()
-          and (output_dir / "checkpoints").exists()):
+  """Refuse a start that would lose the output dir's run or mix it with
+  another: :class:`OutputDirRefused` (a ``ValueError``), nothing changed.
+
+  Refused: ``resume=False`` on a dir holding checkpoints without
+  ``overwrite``; checkpoints without the ``config.json`` they were written
+  with; a ``config.json`` whose :data:`STATE_FIELDS` differ from ``config``'s.
+  """
+  if not config.resume:
+    if _holds_checkpoints(output_dir) and not config.overwrite:
+      raise OutputDirRefused(
+          f"{output_dir} holds the checkpoints of an earlier run (steps "
+          f"{checkpoint_steps(output_dir)}), which --resume false would "
+          f"train over: pass --resume true to continue it, or --resume false "
+          f"--overwrite true to move it aside to "
+          f"{output_dir.name}.before-<time> and start over")
     return
-  before = json.loads(saved.read_text())
-  # A field the saved config lacks (written before the field existed) had
-  # its default.
-  defaults = FinetuneConfig()
-  before = {f: before.get(f, getattr(defaults, f)) for f in STATE_FIELDS}
+  saved = output_dir / "config.json"
+  steps = checkpoint_steps(output_dir)
+  if not saved.exists():
+    if steps:
+      history = output_dir / CONFIG_HISTORY
+      hint = (f" (the last line of {history} holds the config of the last "
+              f"start)" if history.exists() else "")
+      raise OutputDirRefused(
+          f"{saved} is missing but {output_dir / 'checkpoints'} holds steps "
+          f"{steps}: the settings they were written with are unknown, so "
+          f"they are not resumed. Put config.json back{hint}, or pass "
+          f"--resume false --overwrite true to move the run aside and start "
+          f"over")
+    return
+  if not (output_dir / "checkpoints").exists():
+    return
+  before = _saved_config(saved)
   changed = [f for f in STATE_FIELDS if before[f] != getattr(config, f)]
   if changed:
-    raise ValueError(
+    raise OutputDirRefused(
         f"{output_dir} holds checkpoints of a run with other "
         + ", ".join(f"{f}={before[f]!r}" for f in changed)
-        + "; choose another --output-dir or pass --resume false")
+        + "; choose another --output-dir, or pass --resume false --overwrite "
+        "true to move that run aside")
+
+
+CONFIG_HISTORY = "config_history.jsonl"
+# Fields that say how a start treats the output dir, not what the run is.
+_START_FIELDS = ("resume", "overwrite", "restart_if_unrestorable")
+
+
+def record_start(config: FinetuneConfig, output_dir: pathlib.Path) -> None:
+  """Append ``config`` to ``config_history.jsonl`` (one line per start, with
+  its time, host and pid), print the fields changed since the previous start,
+  and write it to ``config.json`` (the config checkpoints resume with)."""
+  current = dataclasses.asdict(config)
+  history = output_dir / CONFIG_HISTORY
+  previous, since = None, None
+  if history.exists():
+    for line in history.read_text(encoding="utf-8").splitlines():
+      try:
+        record = json.loads(line)
+        previous, since = record["config"], record.get("started")
+      except (ValueError, KeyError, TypeError):
+        pass  # a torn line: the previous good one stands
+  elif (output_dir / "config.json").exists():  # a run from before the history
+    previous = json.loads((output_dir / "config.json").read_text())
+  if previous is not None:
+    defaults = dataclasses.asdict(FinetuneConfig())
+    changed = [f"{name} {previous.get(name, defaults[name])!r} -> {value!r}"
+               for name, value in current.items() if name not in _START_FIELDS
+               and previous.get(name, defaults[name]) != value]
+    if changed:
+      print(f"{output_dir}: config changed since the previous start"
+            f"{f' ({since})' if since else ''}: " + ", ".join(changed),
+            file=sys.stderr)
+  record = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "config": current}
+  with open(history, "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
+  saved = output_dir / "config.json.tmp"
+  saved.write_text(json.dumps(current, indent=2))
+  os.replace(saved, output_dir / "config.json")
+
+
+def _move_aside(output_dir: pathlib.Path, lock: RunLock) -> pathlib.Path:
+  """Rename ``output_dir`` to ``<name>.before-<time>`` (a whole run, still
+  resumable there) and recreate it empty, holding ``lock`` throughout."""
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  output_dir = output_dir.resolve()
+  aside = output_dir.with_name(f"{output_dir.name}.before-{stamp}")
+  number = 1
+  while aside.exists():
+    aside = output_dir.with_name(f"{output_dir.name}.before-{stamp}-{number}")
+    number += 1
+  output_dir.rename(aside)  # the lock moves with it: nobody else gets in
+  output_dir.mkdir()
+  lock.acquire()
+  (aside / RunLock.NAME).unlink(missing_ok=True)
+  return aside
+
+
+def prepare_output_dir(config: FinetuneConfig, output_dir: pathlib.Path,
+                       lock: RunLock) -> None:
+  """Refuse (:func:`check_resumable`), or move an overwritten run aside (on
+  process 0)."""
+  check_resumable(config, output_dir)  # every process: all refuse alike
+  if jax.process_index() == 0 and not config.resume and _holds_checkpoints(
+      output_dir):
+    aside = _move_aside(output_dir, lock)
+    print(f"--overwrite: moved the earlier run in {output_dir} aside to "
+          f"{aside}", file=sys.stderr)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("rite_optax finetune output dir")
+
+
+def restore_or_refuse(config: FinetuneConfig,
+                      checkpoints: ckpt_lib.Checkpoints,
+                      target: Any) -> Optional[ckpt_lib.Restored]:
+  """The newest step that restores (newer broken ones quarantined), or None
+  from scratch. Checkpoints of which none restores are refused
+  (:class:`OutputDirRefused`, nothing moved) unless
+  ``config.restart_if_unrestorable``."""
+  steps = checkpoints.all_steps()
+  if not (config.resume and steps):
+    return None
+  restored = checkpoints.restore_latest_valid(target, quarantine=False)
+  if restored is not None:
+    if restored.step != steps[-1]:
+      # A resumed run saves those step numbers again: move the broken ones
+      # aside (restoring the good one once more).
+      restored = checkpoints.restore_latest_valid(target)
+    return restored
+  if not config.restart_if_unrestorable:
+    try:
+      checkpoints.restore(steps[-1], target)
+      reason = "it restores now"
+    except ckpt_lib.CheckpointError as e:
+      reason = str(e)
+    raise OutputDirRefused(
+        f"none of the checkpoint steps {steps} in {checkpoints.directory} "
+        f"restores (the newest: {reason}); refusing to start from scratch "
+        f"over them. Repair or move them, or pass --restart-if-unrestorable "
+        f"true to move them to "
+        f"{checkpoints.directory / ckpt_lib.QUARANTINE_DIR} and start from "
+        f"step 0")
+  print(f"--restart-if-unrestorable: no checkpoint of steps {steps} restores;"
+        f" moving them to {checkpoints.directory / ckpt_lib.QUARANTINE_DIR} "
+        f"and starting from step 0", file=sys.stderr)
+  return checkpoints.restore_latest_valid(target)
 
 
 def evaluate(config, setup, params, eval_step, eval_examples, tokenizer,
@@ -704,11 +1060,14 @@ class FitResult(NamedTuple):
     state: the last :class:`rite_optax.train.step.TrainState`.
     initial_params: the LoRA factors before training, on the host; only with
       ``keep_initial_params=True`` (single process), else None.
+    preempted: stopped by a preemption (SIGTERM) after saving a checkpoint,
+      before ``steps`` (:attr:`ExitCode.PREEMPTED`).
   """
 
   history: dict[str, list[tuple[int, float]]]
   state: Any
   initial_params: Any
+  preempted: bool = False
 
 
 def run(config: FinetuneConfig) -> dict[str, Any]:
@@ -718,19 +1077,38 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
 
 def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
         ) -> FitResult:
-  """:func:`run`, returning the final state too (and the initial factors)."""
-  from tqdm.auto import tqdm  # rite_optax[experiments]
+  """:func:`run`, returning the final state too (and the initial factors).
 
+  Nothing of an earlier run in the output dir is lost silently: a start that
+  would is refused (:func:`check_resumable`, :func:`restore_or_refuse`), the
+  dir is locked (:class:`RunLock`), each start's config is appended to
+  ``config_history.jsonl``. Raises :class:`OutputDirRefused`,
+  :class:`OutputDirLocked`, ``NonFiniteStepsError`` (after
+  ``max_nonfinite_steps`` skipped steps in a row) and
+  ``CheckpointSaveError`` (at the first failed save); :func:`exit_code` maps
+  them to the main job's exit codes.
+  """
   validate(config)
   step_lib.initialize_distributed()
-  lead = jax.process_index() == 0
   output_dir = pathlib.Path(config.output_dir or (
       f"runs/{config.model}-{config.task}-{config.optimizer}"))
   output_dir.mkdir(parents=True, exist_ok=True)
-  check_resumable(config, output_dir)
-  if lead:
-    (output_dir / "config.json").write_text(
-        json.dumps(dataclasses.asdict(config), indent=2))
+  lock = RunLock(output_dir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    prepare_output_dir(config, output_dir, lock)
+    return _train(config, output_dir, keep_initial_params)
+  finally:
+    lock.release()
+
+
+def _train(config: FinetuneConfig, output_dir: pathlib.Path,
+           keep_initial_params: bool) -> FitResult:
+  """:func:`fit`'s loop, in a prepared and locked output dir."""
+  from tqdm.auto import tqdm  # rite_optax[experiments]
+
+  lead = jax.process_index() == 0
   mesh = build_mesh(config.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
   if config.batch_size % shards:
@@ -766,77 +1144,115 @@ def fit(config: FinetuneConfig, *, keep_initial_params: bool = False
   efficiency = data_lib.padding_efficiency(
       [next(iter(make_batches(config, tokenizer, train_examples,
                               seed=config.seed)))])
-  log = MetricsLog(output_dir, enabled=lead)
   state = setup.state
   with ckpt_lib.Checkpoints(output_dir / "checkpoints",
                             max_to_keep=config.keep_checkpoints,
                             save_every=config.checkpoint_every) as checkpoints:
-    if config.resume:
-      restored = checkpoints.restore_latest_valid(
-          ckpt_lib.abstract_like(state, setup.shardings.state))
-      if restored is not None:
-        state = restored.state
-        batches.restore(restored.data_state)
-        print(f"resumed from step {restored.step}", file=sys.stderr)
+    restored = restore_or_refuse(
+        config, checkpoints,
+        ckpt_lib.abstract_like(state, setup.shardings.state))
+    if restored is not None:
+      state = restored.state
+      batches.restore(restored.data_state)
+      print(f"resumed from step {restored.step}", file=sys.stderr)
+    if lead:  # a start that was not refused
+      record_start(config, output_dir)
     start = int(jax.device_get(state.step))
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f"{config.model} + LoRA r={config.lora_rank} ({n_params:,} trainable)"
-          f" | {config.optimizer} lr={config.learning_rate:g} | "
-          f"{config.task}: {len(train_examples)} train, {len(eval_examples)} "
-          f"eval | mesh {dict(mesh.shape)} | padding efficiency "
-          f"{efficiency:.2f}", file=sys.stderr)
-
-    progress = tqdm(total=config.steps, initial=start, desc="fine-tune",
-                    dynamic_ncols=True, disable=None if lead else True)
+    # What a killed run logged after its last checkpoint is logged again.
+    log = MetricsLog(output_dir, enabled=lead,
+                     keep_before=start + 1 if restored is not None else 0)
     pending: list[tuple[int, dict]] = []
 
-    def flush():
-      for s, m in jax.device_get(pending):
-        log.log(s, {"train/loss": float(m["loss"]),
-                    "train/grad_norm": float(m["grad_norm"])})
-      if pending:
-        progress.set_postfix(loss=f"{float(pending[-1][1]['loss']):.4f}")
+    def write_pending() -> list[tuple[int, dict]]:
+      fetched = jax.device_get(pending)
       pending.clear()
+      for s, m in fetched:
+        values = {"train/loss": float(m["loss"]),
+                  "train/grad_norm": float(m["grad_norm"])}
+        for name in ("nonfinite_steps", "skipped_factors"):
+          if name in m:
+            values[f"train/{name}"] = int(m[name])
+        log.log(s, values)
+        rite_optax.warn_if_every_factor_skipped(m)  # host side, once
+      return fetched
 
-    def on_step(step, metrics):
-      pending.append((step, metrics))
-      if step % 10 == 0:  # one host sync per 10 steps, not per step
-        flush()
-      progress.update(1)
+    try:
+      n_params = sum(x.size for x in jax.tree.leaves(state.params))
+      print(f"{config.model} + LoRA r={config.lora_rank} ({n_params:,} "
+            f"trainable) | {config.optimizer} lr={config.learning_rate:g} | "
+            f"{config.task}: {len(train_examples)} train, "
+            f"{len(eval_examples)} eval | mesh {dict(mesh.shape)} | padding "
+            f"efficiency {efficiency:.2f}", file=sys.stderr)
 
-    if start >= config.steps:
-      print(f"{output_dir} is already at step {start} of {config.steps}",
-            file=sys.stderr)
-    wall = time.perf_counter()
-    if config.eval_base and start == 0:
-      # LoRA's B starts at zero: the model is the base exactly.
-      scores = evaluate(config, setup, state.params, eval_step,
-                        eval_examples, tokenizer, mesh)
-      log.log(0, scores)
-      progress.write("base model: " + _format_scores(scores))
-    with ckpt_lib.PreemptionGuard() as guard:
-      step = start
-      while step < config.steps:
-        stop = min(config.steps, (step // config.eval_every + 1)
-                   * config.eval_every)
-        result = ckpt_lib.train_loop(train_step, setup.frozen, state,
-                                     OnMesh(batches, mesh), checkpoints,
-                                     num_steps=stop, guard=guard,
-                                     on_step=on_step)
-        state, step = result.state, result.step
-        flush()
-        if result.preempted:
-          print(f"preempted: checkpoint saved at step {step}", file=sys.stderr)
-          break
+      progress = tqdm(total=config.steps, initial=start, desc="fine-tune",
+                      dynamic_ncols=True, disable=None if lead else True)
+      nonfinite = (step_lib.NonFiniteSteps(config.max_nonfinite_steps)
+                   if config.max_nonfinite_steps else None)
+
+      def flush():
+        fetched = write_pending()
+        if fetched:
+          progress.set_postfix(loss=f"{float(fetched[-1][1]['loss']):.4f}")
+        for s, m in fetched if nonfinite is not None else ():
+          nonfinite.update(s, m)  # raises NonFiniteStepsError, all logged
+
+      def on_step(step, metrics):
+        pending.append((step, metrics))
+        if step % 10 == 0:  # one host sync per 10 steps, not per step
+          flush()
+        progress.update(1)
+
+      if start >= config.steps:
+        print(f"{output_dir} is already at step {start} of {config.steps}",
+              file=sys.stderr)
+      wall = time.perf_counter()
+      if config.eval_base and start == 0:
+        # LoRA's B starts at zero: the model is the base exactly.
         scores = evaluate(config, setup, state.params, eval_step,
                           eval_examples, tokenizer, mesh)
-        log.log(step, scores)
-        progress.write(f"step {step}: " + _format_scores(scores))
-    progress.close()
+        log.log(0, scores)
+        progress.write("base model: " + _format_scores(scores))
+      preempted = False
+      try:
+        with ckpt_lib.PreemptionGuard() as guard:
+          step = start
+          while step < config.steps:
+            stop = min(config.steps, (step // config.eval_every + 1)
+                       * config.eval_every)
+            result = ckpt_lib.train_loop(train_step, setup.frozen, state,
+                                         OnMesh(batches, mesh), checkpoints,
+                                         num_steps=stop, guard=guard,
+                                         on_step=on_step)
+            state, step = result.state, result.step
+            flush()
+            if result.preempted:
+              preempted = True
+              print(f"preempted: checkpoint saved at step {step}",
+                    file=sys.stderr)
+              break
+            scores = evaluate(config, setup, state.params, eval_step,
+                              eval_examples, tokenizer, mesh)
+            log.log(step, scores)
+            progress.write(f"step {step}: " + _format_scores(scores))
+      except step_lib.NonFiniteStepsError as e:
+        checkpoints.wait()  # the saves started before are complete
+        raise step_lib.NonFiniteStepsError(
+            f"{e}; the newest checkpoint, step {checkpoints.latest_step()} in "
+            f"{checkpoints.directory}, is finite: lower --learning-rate and resume "
+            f"from it") from e
+      progress.close()
+    finally:
+      if pending:  # the steps a failing run took are logged too
+        steps = f"{pending[0][0]}..{pending[-1][0]}"
+        try:
+          write_pending()
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"{output_dir / 'metrics.jsonl'}: could not log steps "
+                f"{steps}: {e}", file=sys.stderr)
+      log.close()
   if config.eval_base:
     print(base_vs_finetuned(log.history), file=sys.stderr)
   plot = log.plot()
-  log.close()
   print(f"done in {time.perf_counter() - wall:.0f}s: {output_dir} "
         f"(TensorBoard events in tb/, curves in {plot.name})", file=sys.stderr)
-  return FitResult(log.history, state, initial_params)
+  return FitResult(log.history, state, initial_params, preempted)
