@@ -18,6 +18,7 @@ the roles are not symmetric, so the pairing module must know which is which.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -28,6 +29,7 @@ from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
 MODES = ("full", "efficient")
+_mm = linalg.matmul  # r x r products: HIGHEST
 
 
 class ScaleByLoraProState(NamedTuple):
@@ -64,17 +66,18 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def _gram_pinv(x: jax.Array, delta: jax.Array) -> jax.Array:
+def _gram_pinv(x: jax.Array, delta: jax.Array,
+               p: linalg.MatmulPrecision) -> jax.Array:
   """``pinv(X.T X + delta I)`` for a factor ``x (rows, r)``."""
-  gram = x.T @ x
+  gram = _mm(x.T, x, p.gram)
   return linalg.pinv_psd(gram + delta * jnp.eye(gram.shape[0],
                                                 dtype=gram.dtype))
 
 
-def _project_out(b: jax.Array, gram_pinv_b: jax.Array,
-                 y: jax.Array) -> jax.Array:
+def _project_out(b: jax.Array, gram_pinv_b: jax.Array, y: jax.Array,
+                 p: linalg.MatmulPrecision) -> jax.Array:
   """``Pb y = (I - B Gb B.T) y`` without forming the ``n x n`` projector."""
-  return y - b @ (gram_pinv_b @ (b.T @ y))
+  return y - _mm(b, _mm(gram_pinv_b, _mm(b.T, y, p.gram)), p.product)
 
 
 def lora_pro_adjusted_grads(
@@ -85,6 +88,7 @@ def lora_pro_adjusted_grads(
     scale: jax.Array | float,
     first_step: jax.Array | bool,
     delta: jax.Array | float = 1e-8,
+    precision: linalg.PrecisionLike = None,
 ) -> tuple[jax.Array, jax.Array]:
   """ALGORITHMS.md 3.1: LoRA-Pro's adjusted gradients on one canonical pair.
 
@@ -104,28 +108,33 @@ def lora_pro_adjusted_grads(
 
   Cost: ``O((m + n) r^2 + r^3)`` flops.
   """
+  p = linalg.matmul_precision(precision)
   return _adjust(a, b, grad_a, grad_b, 1.0 / jnp.square(scale), first_step,
-                 _gram_pinv(a, delta), _gram_pinv(b, delta))
+                 _gram_pinv(a, delta, p), _gram_pinv(b, delta, p), p)
 
 
 def _adjust(a, b, grad_a, grad_b, inv_s2, first_step, gram_pinv_a,
-            gram_pinv_b):
+            gram_pinv_b, p: linalg.MatmulPrecision):
   """ALGORITHMS.md 3.1 given ``Ga``, ``Gb``: both rules, selected by ``t``."""
-  later_a = inv_s2 * grad_a @ gram_pinv_b
-  later_b = inv_s2 * _project_out(b, gram_pinv_b, grad_b) @ gram_pinv_a
-  first_b = inv_s2 * grad_b @ gram_pinv_a
+  later_a = inv_s2 * _mm(grad_a, gram_pinv_b, p.product)
+  later_b = inv_s2 * _mm(_project_out(b, gram_pinv_b, grad_b, p),
+                         gram_pinv_a, p.product)
+  first_b = inv_s2 * _mm(grad_b, gram_pinv_a, p.product)
   return (jnp.where(first_step, grad_a, later_a),
           jnp.where(first_step, first_b, later_b))
 
 
 def lora_pro_equivalent_gradient(a: jax.Array, b: jax.Array, ga: jax.Array,
                                  gb: jax.Array,
-                                 scale: jax.Array | float) -> jax.Array:
+                                 scale: jax.Array | float,
+                                 precision: linalg.PrecisionLike = None
+                                 ) -> jax.Array:
   """ALGORITHMS.md 3.2: ``E = s (gA B.T + A gB.T)``, shape ``(m, n)``.
 
   Cost: ``O(m n r)`` flops and an ``(m, n)`` array.
   """
-  return scale * (ga @ b.T + a @ gb.T)
+  p = linalg.matmul_precision(precision).product
+  return scale * (_mm(ga, b.T, p) + _mm(a, gb.T, p))
 
 
 def lora_pro_efficient_adjusted_grads(
@@ -135,6 +144,7 @@ def lora_pro_efficient_adjusted_grads(
     grad_b: jax.Array,
     scale: jax.Array | float,
     jitter: jax.Array | float = 1e-6,
+    precision: linalg.PrecisionLike = None,
 ) -> tuple[jax.Array, jax.Array]:
   """ALGORITHMS.md 3b.1-3b.2: the memory-efficient mode's adjusted gradients.
 
@@ -146,17 +156,20 @@ def lora_pro_efficient_adjusted_grads(
 
   Cost: ``O((m + n) r^2 + r^3)`` flops; nothing of size ``m x n``.
   """
+  p = linalg.matmul_precision(precision)
   inv_s2 = 1.0 / jnp.square(scale)
   eye = jnp.eye(a.shape[1], dtype=a.dtype)
-  sa_inv = jnp.linalg.inv(a.T @ a + jitter * eye)
-  sb_inv = jnp.linalg.inv(b.T @ b + jitter * eye)
+  gram_a, gram_b = _mm(a.T, a, p.gram), _mm(b.T, b, p.gram)
+  sa_inv = jnp.linalg.inv(gram_a + jitter * eye)
+  sb_inv = jnp.linalg.inv(gram_b + jitter * eye)
   # 3b.1: Sylvester equation for the free r x r component.
   x = linalg.solve_sylvester_sym(
-      b.T @ b + jitter * eye, a.T @ a + jitter * eye,
-      -inv_s2 * sb_inv @ (grad_a.T @ a))
+      gram_b + jitter * eye, gram_a + jitter * eye,
+      -inv_s2 * _mm(sb_inv, _mm(grad_a.T, a, p.gram)))
   # 3b.2
-  ga = inv_s2 * grad_a @ sb_inv + a @ x.T
-  gb = inv_s2 * _project_out(b, sb_inv, grad_b) @ sa_inv - b @ x
+  ga = inv_s2 * _mm(grad_a, sb_inv, p.product) + _mm(a, x.T, p.product)
+  gb = (inv_s2 * _mm(_project_out(b, sb_inv, grad_b, p), sa_inv, p.product)
+        - _mm(b, x, p.product))
   return ga, gb
 
 
@@ -170,40 +183,44 @@ def _adam_moments(g, mu, nu, count, b1, b2, eps):
 
 
 def _full_space_step(a, b, grad_a, grad_b, mu, nu, count, scale, b1, b2, eps,
-                     delta):
+                     delta, p: linalg.MatmulPrecision):
   """ALGORITHMS.md 3.1-3.5 on one canonical pair; ``mu, nu (m, n)``."""
   first_step = count == 0
   inv_s2 = 1.0 / jnp.square(scale)
-  gram_pinv_a = _gram_pinv(a, delta)
-  gram_pinv_b = _gram_pinv(b, delta)
+  gram_pinv_a = _gram_pinv(a, delta, p)
+  gram_pinv_b = _gram_pinv(b, delta, p)
   # 3.1-3.2: the equivalent gradient of the adjusted factor gradients.
   ga, gb = _adjust(a, b, grad_a, grad_b, inv_s2, first_step, gram_pinv_a,
-                   gram_pinv_b)
-  equivalent = lora_pro_equivalent_gradient(a, b, ga, gb, scale)
+                   gram_pinv_b, p)
+  equivalent = lora_pro_equivalent_gradient(a, b, ga, gb, scale, p)
   # 3.3: Adam in the full weight space.
   full_step, mu, nu = _adam_moments(equivalent, mu, nu, count, b1, b2, eps)
   # 3.4: back to the factors.
-  h_a = scale * full_step @ b
-  h_b = scale * full_step.T @ a
+  h_a = scale * _mm(full_step, b, p.product)
+  h_b = scale * _mm(full_step.T, a, p.product)
   # 3.5: adjust again; t = 0 avoids B.T B, zero at LoRA init.
   first_a = h_a
-  first_b = inv_s2 * h_b @ gram_pinv_a
+  first_b = inv_s2 * _mm(h_b, gram_pinv_a, p.product)
   # Both rules are computed (t is traced). At t = 0, B = 0 makes P = B.T B
   # zero: exact while A.T A is definite, and the minimum-norm solution if
   # both are singular, so the unselected branch stays finite.
-  x = linalg.solve_sylvester_sym(b.T @ b, a.T @ a,
-                                 -inv_s2 * gram_pinv_b @ (h_a.T @ a))
-  later_a = inv_s2 * h_a @ gram_pinv_b + a @ x.T
-  later_b = inv_s2 * _project_out(b, gram_pinv_b, h_b) @ gram_pinv_a - b @ x
+  x = linalg.solve_sylvester_sym(
+      _mm(b.T, b, p.gram), _mm(a.T, a, p.gram),
+      -inv_s2 * _mm(gram_pinv_b, _mm(h_a.T, a, p.gram)))
+  later_a = (inv_s2 * _mm(h_a, gram_pinv_b, p.product)
+             + _mm(a, x.T, p.product))
+  later_b = (inv_s2 * _mm(_project_out(b, gram_pinv_b, h_b, p), gram_pinv_a,
+                          p.product)
+             - _mm(b, x, p.product))
   return (jnp.where(first_step, first_a, later_a),
           jnp.where(first_step, first_b, later_b), mu, nu)
 
 
 def _efficient_step(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b, count, scale,
-                    b1, b2, eps, jitter):
+                    b1, b2, eps, jitter, p: linalg.MatmulPrecision):
   """ALGORITHMS.md 3b.1-3b.3 on one canonical pair."""
   ga, gb = lora_pro_efficient_adjusted_grads(a, b, grad_a, grad_b, scale,
-                                             jitter)
+                                             jitter, p)
   d_a, mu_a, nu_a = _adam_moments(ga, mu_a, nu_a, count, b1, b2, eps)  # 3b.3
   d_b, mu_b, nu_b = _adam_moments(gb, mu_b, nu_b, count, b1, b2, eps)
   return d_a, d_b, mu_a, mu_b, nu_a, nu_b
@@ -218,6 +235,7 @@ def scale_by_lora_pro(
     delta: float = 1e-8,
     jitter: float = 1e-6,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """LoRA-Pro's direction (ALGORITHMS.md 3.1-3.5, or 3b.1-3b.3).
 
@@ -241,6 +259,15 @@ def scale_by_lora_pro(
     pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
       automatic rules do not know (see :mod:`rite_optax.pairs`). Pass
       ``static_args="pair_spec"`` to ``optax.inject_hyperparams``.
+    precision: of the products with a factor-sized (or ``m x n``) operand
+      (:func:`rite_optax.linalg.matmul_precision`). Default ``HIGHEST``: the
+      Gram matrices are inverted and feed a Sylvester solve, and with
+      ``delta = 1e-8`` a bfloat16 (TPU ``DEFAULT``) or TF32 (GPU) rounding of
+      their operands would dominate them. On TPU ``HIGHEST`` is six bfloat16
+      MXU passes (``HIGH`` three), on GPU float32 rather than TF32
+      throughput: full mode's ``O(m n r)`` products are compute-bound for
+      large ``r``, where ``"high"`` trades accuracy for up to 2x (TPU). The
+      ``r x r`` products are ``HIGHEST`` always. Unmeasured on TPU / GPU.
 
   Cost per adapter of shape ``(m, n)`` and rank ``r``:
 
@@ -253,6 +280,7 @@ def scale_by_lora_pro(
   """
   if mode not in MODES:
     raise ValueError(f"lora_pro: mode must be one of {MODES}, got {mode!r}")
+  matmul = linalg.matmul_precision(precision)
 
   def pair_dtype(pair, leaves):
     return _compute_dtype(leaves[pair.a_index].dtype,
@@ -299,7 +327,7 @@ def scale_by_lora_pro(
     if mode == "full":
       mus = found.split_per_adapter(state.mu, "state.mu")
       nus = found.split_per_adapter(state.nu, "state.nu")
-      step = jax.vmap(_full_space_step,
+      step = jax.vmap(functools.partial(_full_space_step, p=matmul),
                       in_axes=(0,) * 6 + (None,) * 6)
       directions, new_mu, new_nu = [], [], []
       for (a, b), (ga, gb), (mu, mu_pad), (nu, nu_pad), d in zip(
@@ -316,7 +344,8 @@ def scale_by_lora_pro(
     else:
       mus = found.split(state.mu, "state.mu")
       nus = found.split(state.nu, "state.nu")
-      step = jax.vmap(_efficient_step, in_axes=(0,) * 8 + (None,) * 6)
+      step = jax.vmap(functools.partial(_efficient_step, p=matmul),
+                      in_axes=(0,) * 8 + (None,) * 6)
       directions, new_mu, new_nu = [], [], []
       for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b), d in zip(
           factors, grads, mus, nus, dtypes):
@@ -347,6 +376,7 @@ def lora_pro(
     delta: float = 1e-8,
     jitter: float = 1e-6,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """LoRA-Pro (Wang et al., ICLR 2025): ALGORITHMS.md 3 and 3b, its defaults.
 
@@ -364,6 +394,7 @@ def lora_pro(
   """
   return optax.chain(
       scale_by_lora_pro(scale, mode=mode, b1=b1, b2=b2, eps=eps, delta=delta,
-                        jitter=jitter, pair_spec=pair_spec),
+                        jitter=jitter, pair_spec=pair_spec,
+                        precision=precision),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -95,18 +95,22 @@ def bias_corrected_decay(beta: jax.Array, t: jax.Array) -> jax.Array:
 # (pairs.LoraPairs.split(..., native=True)): its layout in memory either way.
 
 
-def _gram(x: jax.Array, y: jax.Array, rank_first: bool) -> jax.Array:
+def _gram(x: jax.Array, y: jax.Array, rank_first: bool,
+          precision: jax.lax.Precision) -> jax.Array:
   """``x.T y`` of two factor-sized arrays, ``(nb, r, r)``: sharded along
   rows, a local product and an ``r x r`` all-reduce."""
   # einsum, not swapaxes + matmul: XLA folds the layouts into the dot instead
   # of first copying a transposed factor.
-  return jnp.einsum("bik,bjk->bij" if rank_first else "bki,bkj->bij", x, y)
+  return jnp.einsum("bik,bjk->bij" if rank_first else "bki,bkj->bij", x, y,
+                    precision=precision)
 
 
-def _times(x: jax.Array, m: jax.Array, rank_first: bool) -> jax.Array:
+def _times(x: jax.Array, m: jax.Array, rank_first: bool,
+           precision: jax.lax.Precision) -> jax.Array:
   """``x @ m`` for a factor-sized ``x`` and ``m (nb, r, s)``, row-local."""
   m = m.astype(x.dtype)
-  return jnp.einsum("bik,bij->bjk" if rank_first else "bki,bij->bkj", x, m)
+  return jnp.einsum("bik,bij->bjk" if rank_first else "bki,bij->bkj", x, m,
+                    precision=precision)
 
 
 def _nan_to_zero(x: jax.Array) -> jax.Array:
@@ -142,7 +146,7 @@ def _second_pass(gram_u1, cross, m1, r1, *, factor_rtol):
   largest are dropped (:func:`rite_optax.linalg.gram_second_pass`).
   """
   m2 = linalg.gram_second_pass(gram_u1, r1, factor_rtol)
-  return m2, m1 @ m2, m2.T @ cross
+  return m2, linalg.matmul(m1, m2), linalg.matmul(m2.T, cross)
 
 
 def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
@@ -162,7 +166,7 @@ def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
   beta2 = bias_corrected_decay(jnp.asarray(b2, dtype), t)
 
   # 1.6: V' = P V P.T = C C.T (ScaleByLoraRiteState), non-finite -> 0.
-  nu_moved = transport @ transport.T
+  nu_moved = linalg.matmul(transport, transport.T)
   nu_moved = jnp.where(jnp.isfinite(nu_moved), nu_moved, 0.0)
 
   # 1.7: escape mass.
@@ -189,12 +193,12 @@ def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
 
   # 1.10 in whitened coordinates: mu = M Q diag(w)^-1/2 with
   # M = bc1 M' + (1 - bc1) nan_to_zero(Gbar Vis), M' = mu_old C.T.
-  k1 = beta1 * transport.T @ (q * whiten)
+  k1 = beta1 * linalg.matmul(transport.T, q * whiten)
   k2 = (1 - beta1) * scale * q * (vis * whiten)
   k2 = jnp.where(jnp.isfinite(k2), k2, 0.0)
   # 1.12: D = M (R^+).T of the other factor; its new basis U Q diag(w)^1/2.
-  k3 = root[:, None] * (q.T @ partner_r_pinv.T)
-  k4 = partner_m2 @ (q * root)
+  k3 = root[:, None] * linalg.matmul(q.T, partner_r_pinv.T)
+  k4 = linalg.matmul(partner_m2, q * root)
   return k1, k2, k3, k4, w, rho
 
 
@@ -311,6 +315,7 @@ def scale_by_lora_rite(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     weight_decay: float = 0.0,
     rank_revealing: bool = True,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """LoRA-RITE's preconditioning (ALGORITHMS.md 1, steps 1-13, and 1b).
 
@@ -357,6 +362,20 @@ def scale_by_lora_rite(
       training bounded when the gradient has rank below ``r`` (``B = 0``
       init, few tokens per step). ``False``: ALGORITHMS.md 1 exactly. See
       ALGORITHMS.md 1b.
+    precision: of the products with a factor-sized operand
+      (:func:`rite_optax.linalg.matmul_precision`): one
+      ``jax.lax.Precision`` (or its name) for all, or a pair ``(gram,
+      product)``. Default ``HIGHEST`` for both: the Gram matrices of the QR
+      and of the second moment are factorised, where a bfloat16 (TPU
+      ``DEFAULT``) or TF32 (GPU ``DEFAULT`` and ``HIGH``) rounding of the
+      operands, amplified by the factor's condition number, would break the
+      invariance in float32. The ``r x r`` products are ``HIGHEST`` whatever
+      this says. Cost: on TPU ``HIGHEST`` is six bfloat16 MXU passes
+      (``HIGH`` three), on GPU float32 rather than TF32 tensor-core
+      throughput; these products are memory-bound up to ``r`` of about 100
+      on both (``2 r`` flops per factor element read), so the price is
+      expected to be small there and to grow with ``r`` beyond. No effect on
+      CPU, nor for float64 or bfloat16 operands. Unmeasured on TPU / GPU.
 
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops: per factor ten products of
   the factor's size with ``r x r`` matrices (about ``20 (m + n) r^2``), and
@@ -379,6 +398,8 @@ def scale_by_lora_rite(
         f"pair_spec must be a function (path, leaf) -> FactorSpec | None, got "
         f"{type(pair_spec).__name__}. Under optax.inject_hyperparams, pass "
         "static_args='pair_spec' (optax would call it as a schedule)")
+
+  matmul = linalg.matmul_precision(precision)
 
   def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
@@ -447,10 +468,11 @@ def scale_by_lora_rite(
               for i in range(num_pairs)]
 
     def gram(a, b):
-      return per_factor(lambda rf, u, v: _gram(u, v, rf), a, b)
+      return per_factor(lambda rf, u, v: _gram(u, v, rf, matmul.gram), a, b)
 
     def times(a, m):
-      return per_factor(lambda rf, u, k: _times(u, k, rf), a, m)
+      return per_factor(lambda rf, u, k: _times(u, k, rf, matmul.product),
+                        a, m)
 
     def empty():
       return [None] * num_pairs
@@ -541,8 +563,9 @@ def scale_by_lora_rite(
 
     # 1.10: the factor-sized part of the first moment's update.
     new_mu = per_factor(
-        lambda rf, m, ka, g, kb: (_times(m, ka, rf)
-                                  + _nan_to_zero(_times(g, kb, rf))),
+        lambda rf, m, ka, g, kb: (
+            _times(m, ka, rf, matmul.product)
+            + _nan_to_zero(_times(g, kb, rf, matmul.product))),
         mu, k1, gbar, k2)
     # 1.11: update capping (0 disables): rms of M = mu Q diag(w)^1/2.
     if _maybe_positive(update_capping):
@@ -605,6 +628,7 @@ def lora_rite(
     escape: bool = False,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
     rank_revealing: bool = True,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """LoRA-RITE (Yen et al., ICLR 2025), ALGORITHMS.md 1, defaults included.
 
@@ -638,7 +662,8 @@ def lora_rite(
       b1=b1, b2=b2, eps=eps, clip_unmagnified_grad=clip_unmagnified_grad,
       update_skipping=update_skipping, update_capping=update_capping,
       escape=escape, pair_spec=pair_spec, learning_rate=learning_rate,
-      weight_decay=weight_decay, rank_revealing=rank_revealing))
+      weight_decay=weight_decay, rank_revealing=rank_revealing,
+      precision=precision))
 
 
 def skip_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:

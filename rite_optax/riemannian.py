@@ -14,12 +14,14 @@ section 2; comments cite it.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
 
@@ -27,8 +29,8 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _scale_by_other_gram(grad: jax.Array, other: jax.Array,
-                         reg: jax.Array) -> jax.Array:
+def _scale_by_other_gram(grad: jax.Array, other: jax.Array, reg: jax.Array,
+                         precision: linalg.PrecisionLike = None) -> jax.Array:
   """``grad @ inv(other.T @ other + reg I)`` for ``grad (rows, r)``, ``other (rows', r)``.
 
   The Gram matrix is symmetric positive definite (for ``reg > 0``, or a
@@ -36,18 +38,20 @@ def _scale_by_other_gram(grad: jax.Array, other: jax.Array,
   than by forming the inverse; its symmetry gives
   ``grad inv(S) = (inv(S) grad.T).T``.
   """
-  gram = other.T @ other + reg * jnp.eye(other.shape[-1], dtype=other.dtype)
+  gram = linalg.matmul(other.T, other,
+                       linalg.matmul_precision(precision).gram)
+  gram = gram + reg * jnp.eye(other.shape[-1], dtype=other.dtype)
   cholesky = jax.scipy.linalg.cho_factor(gram, lower=True)
   return jax.scipy.linalg.cho_solve(cholesky, grad.T).T
 
 
-def _scaled_grads(a, b, grad_a, grad_b, reg):
+def _scaled_grads(a, b, grad_a, grad_b, reg, precision=None):
   """ALGORITHMS.md 2 on one canonical pair ``a (m, r)``, ``b (n, r)``.
 
   Both preconditioners come from the current, pre-update factors.
   """
-  return (_scale_by_other_gram(grad_a, b, reg),
-          _scale_by_other_gram(grad_b, a, reg))
+  return (_scale_by_other_gram(grad_a, b, reg, precision),
+          _scale_by_other_gram(grad_b, a, reg, precision))
 
 
 def _canonical_inputs(found: pairs_lib.LoraPairs, updates, params):
@@ -70,6 +74,7 @@ def _needs_params(name: str, params) -> None:
 def scale_by_riemannian_preconditioner(
     reg: float = 1e-6,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """Riemannian preconditioning of LoRA gradients (ALGORITHMS.md 2).
 
@@ -87,10 +92,19 @@ def scale_by_riemannian_preconditioner(
     pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
       automatic rules do not know. Pass ``static_args="pair_spec"`` to
       ``optax.inject_hyperparams``.
+    precision: of the products with a factor-sized operand
+      (:func:`rite_optax.linalg.matmul_precision`). Default ``HIGHEST``: the
+      Gram matrix is Cholesky-factorised, and a bfloat16 (TPU ``DEFAULT``) or
+      TF32 (GPU) rounding of its operands would cost the invariance of
+      scaled GD in float32. On TPU ``HIGHEST`` is six bfloat16 MXU passes, on
+      GPU float32 instead of TF32 throughput; the Gram products are
+      memory-bound for small ``r``, so the price is expected to be small
+      there (unmeasured on TPU / GPU).
 
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops (two Gram matrices, two
   ``r x r`` Cholesky factorisations and solves). No state.
   """
+  linalg.matmul_precision(precision)  # refuse a bad value now
 
   def init_fn(params):
     pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
@@ -101,7 +115,8 @@ def scale_by_riemannian_preconditioner(
     found = pairs_lib.find_pairs(params, pair_spec)
     factors, grads, out_dtypes = _canonical_inputs(found, updates, params)
     # ALGORITHMS.md 2, per pair and stacked layer.
-    scale = jax.vmap(_scaled_grads, in_axes=(0, 0, 0, 0, None))
+    scale = jax.vmap(functools.partial(_scaled_grads, precision=precision),
+                     in_axes=(0, 0, 0, 0, None))
     scaled = [scale(a, b, ga, gb, jnp.asarray(reg, a.dtype))
               for (a, b), (ga, gb) in zip(factors, grads)]
     return found.merge(updates, scaled, out_dtypes), state
@@ -114,6 +129,7 @@ def scaled_gd(
     reg: float = 1e-6,
     weight_decay: float = 0.0,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """Scaled GD (Zhang & Pilanci, ICML 2024), ALGORITHMS.md 2.
 
@@ -124,10 +140,12 @@ def scaled_gd(
   ``A @ B.T`` do not depend on how the factors are scaled: ``(A S, B S^-T)``
   follows the same trajectory for any invertible ``S``.
 
-  Cost per pair: ``O((m + n) r^2 + r^3)`` flops; no state.
+  ``precision``: see :func:`scale_by_riemannian_preconditioner`. Cost per
+  pair: ``O((m + n) r^2 + r^3)`` flops; no state.
   """
   return optax.chain(
-      scale_by_riemannian_preconditioner(reg=reg, pair_spec=pair_spec),
+      scale_by_riemannian_preconditioner(reg=reg, pair_spec=pair_spec,
+                                         precision=precision),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -148,16 +166,19 @@ def _adam_direction(scaled_grad, mu, nu, count_inc, b1, b2, eps,
 
 def _riemannian_adam_pair(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b,
                           count_inc, b1, b2, eps, reg, learning_rate,
-                          weight_decay, correct_bias: bool, sequential: bool):
+                          weight_decay, correct_bias: bool, sequential: bool,
+                          precision=None):
   """ALGORITHMS.md 2, scaled AdamW, on one canonical pair (before ``-lr``)."""
-  d_a, mu_a, nu_a = _adam_direction(_scale_by_other_gram(grad_a, b, reg),
+  d_a, mu_a, nu_a = _adam_direction(_scale_by_other_gram(grad_a, b, reg,
+                                                         precision),
                                     mu_a, nu_a, count_inc, b1, b2, eps,
                                     correct_bias)
   if sequential:
     # The authors' order: B's preconditioner sees A after A's full step
     # (weight decay included); G_B stays the gradient at the start.
     a = a - learning_rate * (d_a + weight_decay * a)
-  d_b, mu_b, nu_b = _adam_direction(_scale_by_other_gram(grad_b, a, reg),
+  d_b, mu_b, nu_b = _adam_direction(_scale_by_other_gram(grad_b, a, reg,
+                                                         precision),
                                     mu_b, nu_b, count_inc, b1, b2, eps,
                                     correct_bias)
   return (d_a, d_b), (mu_a, mu_b), (nu_a, nu_b)
@@ -173,6 +194,7 @@ def scale_by_riemannian_adam(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     weight_decay: float = 0.0,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """Adam on Riemannian-preconditioned gradients (ALGORITHMS.md 2).
 
@@ -207,6 +229,14 @@ def scale_by_riemannian_adam(
     weight_decay: decoupled weight decay of the step, for ``sequential``.
     pair_spec: optional ``(path, leaf) -> FactorSpec | None`` for layouts the
       automatic rules do not know.
+    precision: of the products with a factor-sized operand
+      (:func:`rite_optax.linalg.matmul_precision`). Default ``HIGHEST``: the
+      Gram matrix is Cholesky-factorised, and a bfloat16 (TPU ``DEFAULT``) or
+      TF32 (GPU) rounding of its operands would cost the invariance of
+      scaled GD in float32. On TPU ``HIGHEST`` is six bfloat16 MXU passes, on
+      GPU float32 instead of TF32 throughput; the Gram products are
+      memory-bound for small ``r``, so the price is expected to be small
+      there (unmeasured on TPU / GPU).
 
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops. State: ``optax``'s
   ``ScaleByAdamState``, two factor-sized arrays per factor (``mu``, ``nu``),
@@ -215,6 +245,7 @@ def scale_by_riemannian_adam(
   if sequential and learning_rate is None:
     raise ValueError("scale_by_riemannian_adam(sequential=True) needs the "
                      "learning_rate of the step to build B's preconditioner")
+  linalg.matmul_precision(precision)  # refuse a bad value now
 
   def init_fn(params):
     pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
@@ -238,7 +269,8 @@ def scale_by_riemannian_adam(
     else:
       step_size = learning_rate
 
-    pair_update = jax.vmap(_riemannian_adam_pair,
+    pair_update = jax.vmap(functools.partial(_riemannian_adam_pair,
+                                             precision=precision),
                            in_axes=(0,) * 8 + (None,) * 9)
     directions, new_mu, new_nu = [], [], []
     for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b) in zip(
@@ -270,6 +302,7 @@ def scaled_adamw(
     correct_bias: bool = False,
     sequential: bool = False,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
+    precision: linalg.PrecisionLike = None,
 ) -> optax.GradientTransformation:
   """Scaled AdamW (Zhang & Pilanci, ICML 2024), ALGORITHMS.md 2, defaults included.
 
@@ -291,7 +324,8 @@ def scaled_adamw(
       scale_by_riemannian_adam(
           b1=b1, b2=b2, eps=eps, reg=reg, correct_bias=correct_bias,
           sequential=sequential, learning_rate=learning_rate,
-          weight_decay=weight_decay, pair_spec=pair_spec),
+          weight_decay=weight_decay, pair_spec=pair_spec,
+          precision=precision),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
