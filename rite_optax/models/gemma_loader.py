@@ -41,25 +41,30 @@ here):
 
 Every expected array must be present with its shape and a floating dtype, and
 nothing else may be present: anything else raises a ``ValueError`` naming the
-key (and the checkpoint). Arrays are cast to ``config.param_dtype``.
+key (and the checkpoint). Arrays are cast to ``config.param_dtype``. The
+checking and assembling are :mod:`rite_optax.models.key_mapping`'s; this
+module holds the three name tables and the formats' particulars.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from rite_optax.models import sharding as sharding_lib
 from rite_optax.models import gemma as gemma_lib
+from rite_optax.models import key_mapping as km
+from rite_optax.models import sharding as sharding_lib
 from rite_optax.models.gemma import Gemma, GemmaConfig
+from rite_optax.models.key_mapping import HF_INDEX_FILE
+from rite_optax.models.key_mapping import HF_SINGLE_FILE
+from rite_optax.models.key_mapping import ParamPath as Path
 from rite_optax.models.lora import LoRADense
 
 # Rows of the released embedding tables, for a 256000-token vocabulary.
@@ -72,75 +77,59 @@ GEMMA3_HF_VOCAB_ROWS = 262_208
 _VISION_PREFIXES = ("SigLiPFromPatches_0/", "transformer/embedder/mm_",
                     "vision_encoder/", "transformer/vision_encoder/")
 
-Path = tuple[Any, ...]  # in our model's state: ("layers", 0, "attn", "q")
-# A source array's accepted shapes, and its conversion to our parameters.
-_Entry = tuple[tuple[tuple[int, ...], ...], Callable[[np.ndarray], dict]]
+
+# Checking and converting, shared by the three sources.
 
 
-# Checking and converting, shared by both sources.
+def _raise_problems(problems: list[km.Problem], entries: list[km.Entry],
+                    source: str) -> None:
+  """The first problem, as the table reads: every missing and unexpected key,
+  else the first entry's shape, else its dtype."""
+  presence = ([f"missing {p.key!r}" for p in problems if p.kind == "missing"]
+              + [f"unexpected {p.key!r}" for p in problems
+                 if p.kind == "unexpected"])
+  if presence:
+    raise ValueError(f"{source}: " + "; ".join(presence))
+  if not problems:
+    return
+  position = {entry.key: i for i, entry in enumerate(entries)}
+  first = min(problems, key=lambda p: position[p.key])  # misshapen first
+  if first.kind == "misshapen":
+    raise ValueError(f"{source}: {first.key!r} has shape {first.info.shape}, "
+                     f"expected {km.shapes_text(first.expected)}")
+  raise ValueError(f"{source}: {first.key!r} has dtype {first.info.dtype}, "
+                   f"expected a floating dtype")
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy view
-    value = value.detach().cpu()
-    if not value.is_floating_point():
-      return value.numpy()
-    return value.float().numpy()
-  return np.asarray(value)
-
-
-def _dtype(value: Any) -> np.dtype:
-  if hasattr(value, "detach") and value.is_floating_point():
-    return np.dtype(np.float32)  # every torch float converts to float32
-  return _to_numpy(value).dtype if hasattr(value, "detach") else value.dtype
-
-
-def _convert(arrays: Mapping[str, Any], entries: Mapping[str, _Entry],
+def _convert(arrays: Mapping[str, Any], entries: list[km.Entry],
              config: GemmaConfig, source: str) -> dict:
   """Check ``arrays`` against ``entries`` and build our nested parameters."""
-  missing = sorted(set(entries) - set(arrays))
-  extra = sorted(set(arrays) - set(entries))
-  if missing or extra:
-    problems = ([f"missing {key!r}" for key in missing]
-                + [f"unexpected {key!r}" for key in extra])
-    raise ValueError(f"{source}: " + "; ".join(problems))
-  params: dict = {}
-  for key, (shapes, convert) in entries.items():
-    value = arrays[key]
-    shape = tuple(value.shape)
-    if shape not in shapes:
-      wanted = " or ".join(str(s) for s in shapes)
-      raise ValueError(f"{source}: {key!r} has shape {shape}, expected "
-                       f"{wanted}")
-    if not jnp.issubdtype(_dtype(value), jnp.floating):
-      raise ValueError(f"{source}: {key!r} has dtype {_dtype(value)}, "
-                       f"expected a floating dtype")
-    for path, array in convert(_to_numpy(value)).items():
-      node = params
-      for name in path[:-1]:
-        node = node.setdefault(name, {})
-      # Host arrays: placing them is model_from_params's job (by the mesh).
-      # copy=False: a memory-mapped cache array of the right dtype is not
-      # copied (the GGUF embedding table is 671 MB).
-      node[path[-1]] = np.asarray(array).astype(np.dtype(config.param_dtype),
-                                                copy=False)
-  return params
+  _raise_problems(km.find_problems(km.describe(arrays, source), entries),
+                  entries, source)
+  dtype = np.dtype(config.param_dtype)
+  # Host arrays: placing them is model_from_params's job (by the mesh).
+  # copy=False: a memory-mapped cache array of the right dtype is not copied
+  # (the GGUF embedding table is 671 MB).
+  return km.assemble(entries, arrays.__getitem__,
+                     lambda x: np.asarray(x).astype(dtype, copy=False))
 
 
-def _embedding_entry(config: GemmaConfig, rows: tuple[int, ...]) -> _Entry:
+def _embedding_entry(key: str, config: GemmaConfig,
+                     rows: tuple[int, ...]) -> km.Entry:
   v = config.vocab_size
-  return (tuple((r, config.d_model) for r in rows),
-          lambda x: {("embedder", "embedding"): x[:v]})
+  return km.Entry(key, tuple((r, config.d_model) for r in rows),
+                  lambda x: {("embedder", "embedding"): x[:v]})
 
 
-def _norm(config: GemmaConfig, path: Path, dim: Optional[int] = None,
-          offset: float = 0.0) -> _Entry:
+def _norm(key: str, config: GemmaConfig, path: Path,
+          dim: Optional[int] = None, offset: float = 0.0) -> km.Entry:
   # ``offset``: GGUF files store the factor ``1 + scale`` (llama.cpp's
   # convert_hf_to_gguf.py adds 1 to every Gemma norm weight); -1 undoes it.
-  shapes = ((dim or config.d_model,),)
   if not offset:
-    return shapes, lambda x: {path + ("scale",): x}
-  return shapes, lambda x: {path + ("scale",): x + np.asarray(offset, x.dtype)}
+    return km.direct(key, path + ("scale",), (dim or config.d_model,))
+  return km.Entry(key, ((dim or config.d_model,),),
+                  lambda x: {path + ("scale",): x + np.asarray(offset,
+                                                               x.dtype)})
 
 
 def model_from_params(config: GemmaConfig, params: Mapping[str, Any],
@@ -154,21 +143,10 @@ def model_from_params(config: GemmaConfig, params: Mapping[str, Any],
 # The released Flax checkpoints.
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _canonical_keys(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
   """Both layouts -> ``/``-joined keys with ``mlp/gating_einsum`` unwrapped."""
   canonical: dict[str, Any] = {}
-  for key, value in _flatten(tree).items():
+  for key, value in km.flatten(tree).items():
     if key.startswith(_VISION_PREFIXES):
       continue  # Gemma 3's vision tower: not part of the text model
     # On disk the MLP weights sit under a "w" (gemma/params.py).
@@ -181,61 +159,63 @@ def _canonical_keys(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
   return canonical
 
 
-def _gemma_entries(config: GemmaConfig) -> dict[str, _Entry]:
+def _gemma_entries(config: GemmaConfig) -> list[km.Entry]:
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
   d, f = config.d_model, config.mlp_dim
 
-  def heads(shape: tuple[int, ...], paths: list[Path]) -> _Entry:
+  def heads(key: str, shape: tuple[int, ...], paths: list[Path]) -> km.Entry:
     # (heads, D, H) -> kernel (D, heads * H); stacked einsums split first.
     def convert(x):
       parts = x if len(paths) > 1 else x[None]
       return {path + ("kernel",): part.transpose(1, 0, 2).reshape(d, -1)
               for path, part in zip(paths, parts)}
-    return (shape,), convert
+    return km.Entry(key, (shape,), convert)
 
-  def output(path: Path) -> _Entry:  # (N, H, D) -> kernel (N * H, D)
-    return ((n, h, d),), lambda x: {path + ("kernel",): x.reshape(n * h, d)}
+  def output(key: str, path: Path) -> km.Entry:  # (N, H, D) -> (N * H, D)
+    return km.Entry(key, ((n, h, d),),
+                    lambda x: {path + ("kernel",): x.reshape(n * h, d)})
 
-  def gating(path: Path) -> _Entry:  # (2, D, F) -> gate and up (D, F)
+  def gating(key: str, path: Path) -> km.Entry:  # (2, D, F) -> gate, up
     if config.transpose_gating_einsum:
-      return ((2, f, d),), lambda x: {path + ("gate", "kernel"): x[0].T,
-                                       path + ("up", "kernel"): x[1].T}
-    return ((2, d, f),), lambda x: {path + ("gate", "kernel"): x[0],
-                                     path + ("up", "kernel"): x[1]}
-
-  def down(path: Path) -> _Entry:
-    return ((f, d),), lambda x: {path + ("down", "kernel"): x}
+      return km.Entry(key, ((2, f, d),),
+                      lambda x: {path + ("gate", "kernel"): x[0].T,
+                                 path + ("up", "kernel"): x[1].T})
+    return km.Entry(key, ((2, d, f),),
+                    lambda x: {path + ("gate", "kernel"): x[0],
+                               path + ("up", "kernel"): x[1]})
 
   rows = (config.vocab_size,)
   if config.vocab_size == _TOKENIZER_VOCAB:
     rows += (RELEASED_VOCAB_ROWS,)
-  entries = {
-      "transformer/embedder/input_embedding": _embedding_entry(config, rows),
-      "transformer/final_norm/scale": _norm(config, ("final_norm",)),
-  }
+  entries = [
+      _embedding_entry("transformer/embedder/input_embedding", config, rows),
+      _norm("transformer/final_norm/scale", config, ("final_norm",)),
+  ]
   norms = ["pre_attention_norm", "pre_ffw_norm"]
   if config.post_norms:
     norms += ["post_attention_norm", "post_ffw_norm"]
   for i in range(config.num_layers):
     prefix, layer = f"transformer/layer_{i}", ("layers", i)
-    attn = layer + ("attn",)
+    attn, mlp = layer + ("attn",), layer + ("mlp",)
     for norm in norms:
-      entries[f"{prefix}/{norm}/scale"] = _norm(config, layer + (norm,))
+      entries.append(_norm(f"{prefix}/{norm}/scale", config, layer + (norm,)))
     if n == k:
-      entries[f"{prefix}/attn/qkv_einsum/w"] = heads(
-          (3, n, d, h), [attn + (name,) for name in "qkv"])
+      entries.append(heads(f"{prefix}/attn/qkv_einsum/w", (3, n, d, h),
+                           [attn + (name,) for name in "qkv"]))
     else:
-      entries[f"{prefix}/attn/q_einsum/w"] = heads((n, d, h), [attn + ("q",)])
-      entries[f"{prefix}/attn/kv_einsum/w"] = heads(
-          (2, k, d, h), [attn + (name,) for name in "kv"])
-    entries[f"{prefix}/attn/attn_vec_einsum/w"] = output(attn + ("o",))
+      entries.append(heads(f"{prefix}/attn/q_einsum/w", (n, d, h),
+                           [attn + ("q",)]))
+      entries.append(heads(f"{prefix}/attn/kv_einsum/w", (2, k, d, h),
+                           [attn + (name,) for name in "kv"]))
+    entries.append(output(f"{prefix}/attn/attn_vec_einsum/w", attn + ("o",)))
     if config.qk_norm:
-      entries[f"{prefix}/attn/_query_norm/scale"] = _norm(
-          config, attn + ("q_norm",), h)
-      entries[f"{prefix}/attn/_key_norm/scale"] = _norm(
-          config, attn + ("k_norm",), h)
-    entries[f"{prefix}/mlp/gating_einsum"] = gating(layer + ("mlp",))
-    entries[f"{prefix}/mlp/linear"] = down(layer + ("mlp",))
+      entries.append(_norm(f"{prefix}/attn/_query_norm/scale", config,
+                           attn + ("q_norm",), h))
+      entries.append(_norm(f"{prefix}/attn/_key_norm/scale", config,
+                           attn + ("k_norm",), h))
+    entries.append(gating(f"{prefix}/mlp/gating_einsum", mlp))
+    entries.append(km.direct(f"{prefix}/mlp/linear", mlp + ("down", "kernel"),
+                             (f, d)))
   return entries
 
 
@@ -349,24 +329,50 @@ def save_gemma_checkpoint(model: Gemma, path: str | os.PathLike) -> None:
 # HF transformers state dicts.
 
 
-def _hf_entries(config: GemmaConfig) -> dict[str, _Entry]:
+def _hf_entries(config: GemmaConfig) -> list[km.Entry]:
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
   d, f = config.d_model, config.mlp_dim
 
-  def linear(path: Path, out_features: int, in_features: int) -> _Entry:
+  def linear(key: str, path: Path, out_features: int,
+             in_features: int) -> km.Entry:
     # torch.nn.Linear stores (out, in); nnx.Linear (in, out).
-    return (((out_features, in_features),),
-            lambda x: {path + ("kernel",): x.T})
+    return km.direct(key, path + ("kernel",), (out_features, in_features),
+                     transpose=True)
 
   rows = (config.vocab_size,)
   if config.qk_norm and config.vocab_size == gemma_lib.GEMMA3_VOCAB:
     rows += (GEMMA3_HF_VOCAB_ROWS,)
-  entries = {
-      "model.embed_tokens.weight": _embedding_entry(config, rows),
-      "model.norm.weight": _norm(config, ("final_norm",)),
-  }
-  # HF names the norms by position: in Gemma, "post_attention_layernorm" is
-  # the norm before the MLP; Gemma 2 has a separate pre_feedforward norm.
+  entries = [
+      _embedding_entry("model.embed_tokens.weight", config, rows),
+      _norm("model.norm.weight", config, ("final_norm",)),
+  ]
+  for i in range(config.num_layers):
+    prefix, layer = f"model.layers.{i}", ("layers", i)
+    attn, mlp = layer + ("attn",), layer + ("mlp",)
+    for hf_name, name in _hf_norm_names(config).items():
+      entries.append(_norm(f"{prefix}.{hf_name}.weight", config,
+                           layer + (name,)))
+    entries += [
+        linear(f"{prefix}.self_attn.q_proj.weight", attn + ("q",), n * h, d),
+        linear(f"{prefix}.self_attn.k_proj.weight", attn + ("k",), k * h, d),
+        linear(f"{prefix}.self_attn.v_proj.weight", attn + ("v",), k * h, d),
+        linear(f"{prefix}.self_attn.o_proj.weight", attn + ("o",), d, n * h)]
+    if config.qk_norm:
+      entries.append(_norm(f"{prefix}.self_attn.q_norm.weight", config,
+                           attn + ("q_norm",), h))
+      entries.append(_norm(f"{prefix}.self_attn.k_norm.weight", config,
+                           attn + ("k_norm",), h))
+    entries += [
+        linear(f"{prefix}.mlp.gate_proj.weight", mlp + ("gate",), f, d),
+        linear(f"{prefix}.mlp.up_proj.weight", mlp + ("up",), f, d),
+        linear(f"{prefix}.mlp.down_proj.weight", mlp + ("down",), d, f)]
+  return entries
+
+
+def _hf_norm_names(config: GemmaConfig) -> dict[str, str]:
+  """HF's norm names -> ours. HF names them by position: in Gemma,
+  "post_attention_layernorm" is the norm before the MLP; Gemma 2 has a
+  separate pre_feedforward norm."""
   norms = {"input_layernorm": "pre_attention_norm"}
   if config.post_norms:
     norms.update(post_attention_layernorm="post_attention_norm",
@@ -374,29 +380,7 @@ def _hf_entries(config: GemmaConfig) -> dict[str, _Entry]:
                  post_feedforward_layernorm="post_ffw_norm")
   else:
     norms.update(post_attention_layernorm="pre_ffw_norm")
-  for i in range(config.num_layers):
-    prefix, layer = f"model.layers.{i}", ("layers", i)
-    for hf_name, name in norms.items():
-      entries[f"{prefix}.{hf_name}.weight"] = _norm(config, layer + (name,))
-    attn = layer + ("attn",)
-    entries[f"{prefix}.self_attn.q_proj.weight"] = linear(attn + ("q",),
-                                                          n * h, d)
-    entries[f"{prefix}.self_attn.k_proj.weight"] = linear(attn + ("k",),
-                                                          k * h, d)
-    entries[f"{prefix}.self_attn.v_proj.weight"] = linear(attn + ("v",),
-                                                          k * h, d)
-    entries[f"{prefix}.self_attn.o_proj.weight"] = linear(attn + ("o",),
-                                                          d, n * h)
-    if config.qk_norm:
-      entries[f"{prefix}.self_attn.q_norm.weight"] = _norm(
-          config, attn + ("q_norm",), h)
-      entries[f"{prefix}.self_attn.k_norm.weight"] = _norm(
-          config, attn + ("k_norm",), h)
-    mlp = layer + ("mlp",)
-    entries[f"{prefix}.mlp.gate_proj.weight"] = linear(mlp + ("gate",), f, d)
-    entries[f"{prefix}.mlp.up_proj.weight"] = linear(mlp + ("up",), f, d)
-    entries[f"{prefix}.mlp.down_proj.weight"] = linear(mlp + ("down",), d, f)
-  return entries
+  return norms
 
 
 def params_from_hf_gemma(state_dict: Mapping[str, Any], config: GemmaConfig,
@@ -418,7 +402,7 @@ def params_from_hf_gemma(state_dict: Mapping[str, Any], config: GemmaConfig,
   head = arrays.pop("lm_head.weight", None)
   embedding = arrays.get("model.embed_tokens.weight")
   if head is not None and embedding is not None and not np.array_equal(
-      _to_numpy(head), _to_numpy(embedding)):
+      km.to_numpy(head), km.to_numpy(embedding)):
     raise ValueError(f"{source}: 'lm_head.weight' differs from "
                      f"'model.embed_tokens.weight'; Gemma ties them")
   return _convert(arrays, _hf_entries(config), config, source)
@@ -431,16 +415,9 @@ def hf_gemma_state_dict(model: Gemma) -> dict[str, np.ndarray]:
   config = model.config
   out = {"model.embed_tokens.weight": np.asarray(model.embedder.embedding[...]),
          "model.norm.weight": np.asarray(model.final_norm.scale[...])}
-  norms = {"input_layernorm": "pre_attention_norm"}
-  if config.post_norms:
-    norms.update(post_attention_layernorm="post_attention_norm",
-                 pre_feedforward_layernorm="pre_ffw_norm",
-                 post_feedforward_layernorm="post_ffw_norm")
-  else:
-    norms.update(post_attention_layernorm="pre_ffw_norm")
   for i, block in enumerate(model.layers):
     prefix = f"model.layers.{i}"
-    for hf_name, name in norms.items():
+    for hf_name, name in _hf_norm_names(config).items():
       out[f"{prefix}.{hf_name}.weight"] = np.asarray(
           getattr(block, name).scale[...])
     for name in "qkvo":
@@ -493,10 +470,6 @@ def hf_gemma_config_dict(config: GemmaConfig) -> dict[str, Any]:
           **out}
 
 
-HF_SINGLE_FILE = "model.safetensors"
-HF_INDEX_FILE = "model.safetensors.index.json"
-
-
 def save_hf_gemma(model: Gemma, path: str | os.PathLike) -> None:
   """Write ``model`` as HF safetensors: a ``.safetensors`` file, or a
   directory (created) with ``config.json`` and ``model.safetensors`` that
@@ -516,25 +489,6 @@ def save_hf_gemma(model: Gemma, path: str | os.PathLike) -> None:
   save_file(arrays, os.path.join(path, HF_SINGLE_FILE), metadata=metadata)
 
 
-def _hf_files(path: str) -> list[str]:
-  """The safetensors files of a file, a directory, or a shard index."""
-  if os.path.isdir(path):
-    index = os.path.join(path, HF_INDEX_FILE)
-    single = os.path.join(path, HF_SINGLE_FILE)
-    if os.path.exists(index):
-      path = index
-    elif os.path.exists(single):
-      return [single]
-    else:
-      raise ValueError(f"{path}: neither {HF_INDEX_FILE} nor {HF_SINGLE_FILE}")
-  if path.endswith(".json"):
-    with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
-    folder = os.path.dirname(path)
-    return sorted({os.path.join(folder, v) for v in weight_map.values()})
-  return [path]
-
-
 def load_hf_gemma(path: str | os.PathLike, config: GemmaConfig,
                   mesh: Optional[Mesh] = None) -> Gemma:
   """A :class:`Gemma` from HF safetensors (a file, a directory holding
@@ -545,7 +499,7 @@ def load_hf_gemma(path: str | os.PathLike, config: GemmaConfig,
 
   path = os.path.abspath(os.fspath(path))
   arrays: dict[str, np.ndarray] = {}
-  for file in _hf_files(path):
+  for file in km.files_of(*km.safetensors_files(path)):
     arrays.update(load_file(file))
   params = params_from_hf_gemma(arrays, config, source=path)
   return model_from_params(config, params, mesh)
@@ -554,22 +508,23 @@ def load_hf_gemma(path: str | os.PathLike, config: GemmaConfig,
 # GGUF tensors (llama.cpp's names, as gguf_loader reads them dequantized).
 
 
-def _gguf_entries(config: GemmaConfig) -> dict[str, _Entry]:
+def _gguf_entries(config: GemmaConfig) -> list[km.Entry]:
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
   d, f = config.d_model, config.mlp_dim
 
-  def linear(path: Path, out_features: int, in_features: int) -> _Entry:
+  def linear(key: str, path: Path, out_features: int,
+             in_features: int) -> km.Entry:
     # GGUF's ne = [in, out]: the numpy view is (out, in), as torch's.
-    return (((out_features, in_features),),
-            lambda x: {path + ("kernel",): x.T})
+    return km.direct(key, path + ("kernel",), (out_features, in_features),
+                     transpose=True)
 
-  def norm(path: Path, dim: Optional[int] = None) -> _Entry:
-    return _norm(config, path, dim, offset=-1.0)
+  def norm(key: str, path: Path, dim: Optional[int] = None) -> km.Entry:
+    return _norm(key, config, path, dim, offset=-1.0)
 
-  entries = {
-      "token_embd.weight": _embedding_entry(config, (config.vocab_size,)),
-      "output_norm.weight": norm(("final_norm",)),
-  }
+  entries = [
+      _embedding_entry("token_embd.weight", config, (config.vocab_size,)),
+      norm("output_norm.weight", ("final_norm",)),
+  ]
   norms = {"attn_norm": "pre_attention_norm", "ffn_norm": "pre_ffw_norm"}
   if config.post_norms:
     norms.update(post_attention_norm="post_attention_norm",
@@ -578,17 +533,21 @@ def _gguf_entries(config: GemmaConfig) -> dict[str, _Entry]:
     prefix, layer = f"blk.{i}", ("layers", i)
     attn, mlp = layer + ("attn",), layer + ("mlp",)
     for gguf_name, name in norms.items():
-      entries[f"{prefix}.{gguf_name}.weight"] = norm(layer + (name,))
-    entries[f"{prefix}.attn_q.weight"] = linear(attn + ("q",), n * h, d)
-    entries[f"{prefix}.attn_k.weight"] = linear(attn + ("k",), k * h, d)
-    entries[f"{prefix}.attn_v.weight"] = linear(attn + ("v",), k * h, d)
-    entries[f"{prefix}.attn_output.weight"] = linear(attn + ("o",), d, n * h)
+      entries.append(norm(f"{prefix}.{gguf_name}.weight", layer + (name,)))
+    entries += [
+        linear(f"{prefix}.attn_q.weight", attn + ("q",), n * h, d),
+        linear(f"{prefix}.attn_k.weight", attn + ("k",), k * h, d),
+        linear(f"{prefix}.attn_v.weight", attn + ("v",), k * h, d),
+        linear(f"{prefix}.attn_output.weight", attn + ("o",), d, n * h)]
     if config.qk_norm:
-      entries[f"{prefix}.attn_q_norm.weight"] = norm(attn + ("q_norm",), h)
-      entries[f"{prefix}.attn_k_norm.weight"] = norm(attn + ("k_norm",), h)
-    entries[f"{prefix}.ffn_gate.weight"] = linear(mlp + ("gate",), f, d)
-    entries[f"{prefix}.ffn_up.weight"] = linear(mlp + ("up",), f, d)
-    entries[f"{prefix}.ffn_down.weight"] = linear(mlp + ("down",), d, f)
+      entries.append(norm(f"{prefix}.attn_q_norm.weight", attn + ("q_norm",),
+                          h))
+      entries.append(norm(f"{prefix}.attn_k_norm.weight", attn + ("k_norm",),
+                          h))
+    entries += [
+        linear(f"{prefix}.ffn_gate.weight", mlp + ("gate",), f, d),
+        linear(f"{prefix}.ffn_up.weight", mlp + ("up",), f, d),
+        linear(f"{prefix}.ffn_down.weight", mlp + ("down",), d, f)]
   return entries
 
 

@@ -20,13 +20,14 @@ array before it reads any data, and raises one ``ValueError`` naming the file
 and every missing, unexpected or misshapen key; nothing is silently dropped
 (the only tolerated extras are HF's copies of the shared embedding, checked to
 equal it, and the unused cross-attention bias table that HF itself ignores).
-Arrays are cast to ``config.param_dtype``.
+Arrays are cast to ``config.param_dtype``. The checking and assembling are
+:mod:`rite_optax.models.key_mapping`'s; this module holds the two name tables
+and the files' particulars.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -36,13 +37,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rite_optax.models import key_mapping as km
 from rite_optax.models import sharding as sharding_lib
+from rite_optax.models.key_mapping import HF_INDEX_FILE
+from rite_optax.models.key_mapping import HF_SINGLE_FILE
+from rite_optax.models.key_mapping import ParamPath
 from rite_optax.models.t5 import T5
 from rite_optax.models.t5 import T5Config
-
-ParamPath = tuple[Any, ...]
-HF_INDEX_FILE = "model.safetensors.index.json"
-HF_SINGLE_FILE = "model.safetensors"
 
 # HF checkpoints often store the shared embedding three times (each stack's
 # ``embed_tokens`` is the same tensor as ``shared``); they are checked to equal
@@ -62,52 +63,43 @@ def _hf_tolerated(config: T5Config) -> dict[str, tuple[int, ...]]:
                                   config.num_heads)}
 
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  """One checkpoint array and where it goes in the model."""
-
-  key: str                  # name in the checkpoint
-  path: ParamPath           # path of the nnx.Param in the T5 model
-  shape: tuple[int, ...]    # shape in the checkpoint
-  transpose: bool           # checkpoint layout is the transpose of ours
-
-
 # ---------------------------------------------------------------------------
 # Name tables.
 
+# One array per parameter: (key, path in the T5 model, shape in the
+# checkpoint, whether the checkpoint's layout is the transpose of ours).
+_entry = km.direct
 
-def hf_entries(config: T5Config) -> list[_Entry]:
+
+def hf_entries(config: T5Config) -> list[km.Entry]:
   """Every array of an HF ``MT5ForConditionalGeneration`` checkpoint."""
   d, inner, ff = config.d_model, config.inner_dim, config.d_ff
-  entries = [_Entry("shared.weight", ("shared", "embedding"),
+  entries = [_entry("shared.weight", ("shared", "embedding"),
                     (config.vocab_size, d), False),
-             _Entry("lm_head.weight", ("lm_head", "kernel"),
+             _entry("lm_head.weight", ("lm_head", "kernel"),
                     (config.vocab_size, d), True)]
 
   def attention(prefix: str, path: ParamPath, has_bias: bool) -> None:
     for name in ("q", "k", "v"):
-      entries.append(_Entry(f"{prefix}.{name}.weight", (*path, name, "kernel"),
+      entries.append(_entry(f"{prefix}.{name}.weight", (*path, name, "kernel"),
                             (inner, d), True))
-    entries.append(_Entry(f"{prefix}.o.weight", (*path, "o", "kernel"),
+    entries.append(_entry(f"{prefix}.o.weight", (*path, "o", "kernel"),
                           (d, inner), True))
     if has_bias:
-      entries.append(_Entry(
+      entries.append(_entry(
           f"{prefix}.relative_attention_bias.weight",
           (*path, "relative_attention_bias", "embedding"),
           (config.relative_attention_num_buckets, config.num_heads), False))
 
   def mlp(prefix: str, path: ParamPath) -> None:
     for name in ("wi_0", "wi_1"):
-      entries.append(_Entry(f"{prefix}.{name}.weight",
+      entries.append(_entry(f"{prefix}.{name}.weight",
                             (*path, "mlp", name, "kernel"), (ff, d), True))
-    entries.append(_Entry(f"{prefix}.wo.weight", (*path, "mlp", "wo", "kernel"),
+    entries.append(_entry(f"{prefix}.wo.weight", (*path, "mlp", "wo", "kernel"),
                           (d, ff), True))
 
   def norm(key: str, path: ParamPath) -> None:
-    entries.append(_Entry(key, (*path, "scale"), (d,), False))
+    entries.append(_entry(key, (*path, "scale"), (d,), False))
 
   for stack, num_layers in (("encoder", config.num_encoder_layers),
                             ("decoder", config.num_decoder_layers)):
@@ -126,24 +118,24 @@ def hf_entries(config: T5Config) -> list[_Entry]:
   return entries
 
 
-def t5x_entries(config: T5Config) -> list[_Entry]:
+def t5x_entries(config: T5Config) -> list[km.Entry]:
   """Every array under ``target`` of a T5X T5.1.1 / mT5 checkpoint."""
   d, inner, ff = config.d_model, config.inner_dim, config.d_ff
   entries = [
-      _Entry("token_embedder/embedding", ("shared", "embedding"),
+      _entry("token_embedder/embedding", ("shared", "embedding"),
              (config.vocab_size, d), False),
-      _Entry("decoder/logits_dense/kernel", ("lm_head", "kernel"),
+      _entry("decoder/logits_dense/kernel", ("lm_head", "kernel"),
              (d, config.vocab_size), False)]
 
   def attention(prefix: str, path: ParamPath) -> None:
     for name, ours in (("query", "q"), ("key", "k"), ("value", "v")):
-      entries.append(_Entry(f"{prefix}/{name}/kernel", (*path, ours, "kernel"),
+      entries.append(_entry(f"{prefix}/{name}/kernel", (*path, ours, "kernel"),
                             (d, inner), False))
-    entries.append(_Entry(f"{prefix}/out/kernel", (*path, "o", "kernel"),
+    entries.append(_entry(f"{prefix}/out/kernel", (*path, "o", "kernel"),
                           (inner, d), False))
 
   def norm(key: str, path: ParamPath) -> None:
-    entries.append(_Entry(f"{key}/scale", (*path, "scale"), (d,), False))
+    entries.append(_entry(f"{key}/scale", (*path, "scale"), (d,), False))
 
   for stack, num_layers in (("encoder", config.num_encoder_layers),
                             ("decoder", config.num_decoder_layers)):
@@ -161,11 +153,11 @@ def t5x_entries(config: T5Config) -> list[_Entry]:
              (*layer, "cross_attn_norm"))
       for name, shape in (("wi_0", (d, ff)), ("wi_1", (d, ff)),
                           ("wo", (ff, d))):
-        entries.append(_Entry(f"{block}/mlp/{name}/kernel",
+        entries.append(_entry(f"{block}/mlp/{name}/kernel",
                               (*layer, "mlp", name, "kernel"), shape, False))
       norm(f"{block}/pre_mlp_layer_norm", (*layer, "mlp_norm"))
     # One table per stack, shared by its layers; T5X stores it transposed.
-    entries.append(_Entry(
+    entries.append(_entry(
         f"{stack}/relpos_bias/rel_embedding",
         (stack, "layers", 0, "self_attn", "relative_attention_bias",
          "embedding"),
@@ -178,14 +170,7 @@ def t5x_entries(config: T5Config) -> list[_Entry]:
 # Checking and assembling.
 
 
-@dataclasses.dataclass(frozen=True)
-class _ArrayInfo:
-  shape: tuple[int, ...]
-  dtype: str        # numpy-style name: "float32", "bfloat16", "int32", ...
-  source: str       # the file (or tree) holding it
-
-
-def _check(available: Mapping[str, _ArrayInfo], entries: Iterable[_Entry],
+def _check(available: Mapping[str, km.ArrayInfo], entries: list[km.Entry],
            source: str,
            tolerated: Optional[Mapping[str, tuple[int, ...]]] = None,
            key_prefix: str = "") -> None:
@@ -194,20 +179,19 @@ def _check(available: Mapping[str, _ArrayInfo], entries: Iterable[_Entry],
   ``tolerated`` maps keys that may be present, and are not loaded, to their
   shapes.
   """
-  tolerated = tolerated or {}
-  shapes = {**tolerated, **{e.key: e.shape for e in entries}}
   problems = []
-  for key in sorted(set(shapes) - set(tolerated) - set(available)):
-    problems.append(f"missing {key_prefix}{key}")
-  for key, info in sorted(available.items()):
-    where = f"{key_prefix}{key} (in {info.source})"
-    if key not in shapes:
-      problems.append(f"unexpected {where}")
+  for problem in km.find_problems(available, entries, tolerated):
+    key, info = f"{key_prefix}{problem.key}", problem.info
+    if problem.kind == "missing":
+      problems.append(f"missing {key}")
       continue
-    if tuple(info.shape) != tuple(shapes[key]):
+    where = f"{key} (in {info.source})"
+    if problem.kind == "unexpected":
+      problems.append(f"unexpected {where}")
+    elif problem.kind == "misshapen":
       problems.append(f"misshapen {where}: shape {tuple(info.shape)}, "
-                      f"expected {tuple(shapes[key])}")
-    if info.dtype not in _FLOAT_DTYPES:
+                      f"expected {km.shapes_text(problem.expected)}")
+    else:
       problems.append(f"wrong dtype {where}: {info.dtype}, expected a "
                       f"floating dtype")
   if problems:
@@ -219,37 +203,16 @@ def _check_embedding_copies(read: Callable[[str], Any], present: Iterable[str],
                             shared: np.ndarray, source: str) -> None:
   """HF's per-stack ``embed_tokens`` must equal ``shared``: T5 ties them."""
   for key in _HF_EMBEDDING_COPIES:
-    if key in present and not np.array_equal(_to_numpy(read(key)), shared):
+    if key in present and not np.array_equal(km.to_numpy(read(key)), shared):
       raise ValueError(f"{source}: {key} differs from shared.weight; T5 shares "
                        f"one input embedding between encoder and decoder")
 
 
-def _dtype_name(array: Any) -> str:
-  dtype = getattr(array, "dtype", None)
-  name = str(dtype).removeprefix("torch.")
-  return name if dtype is not None else type(array).__name__
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-  if type(array).__module__.startswith("torch"):
-    # numpy has no bfloat16 of torch's; float32 is exact for every float dtype.
-    return array.detach().cpu().float().numpy()
-  return np.asarray(array)
-
-
-def _assemble(config: T5Config, entries: list[_Entry],
+def _assemble(config: T5Config, entries: list[km.Entry],
               read: Callable[[str], Any]) -> dict:
   """The model's pure param dict, each array read, transposed and cast."""
-  params: dict = {}
-  for entry in entries:
-    array = _to_numpy(read(entry.key))
-    if entry.transpose:
-      array = array.T
-    node = params
-    for key in entry.path[:-1]:
-      node = node.setdefault(key, {})
-    node[entry.path[-1]] = jnp.asarray(array, dtype=config.param_dtype)
-  return params
+  return km.assemble(entries, read,
+                     lambda x: jnp.asarray(x, dtype=config.param_dtype))
 
 
 def model_from_params(config: T5Config, params: Mapping[str, Any],
@@ -269,36 +232,15 @@ def _model_params(model: T5) -> dict[ParamPath, np.ndarray]:
           nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _checkpoint_arrays(model: T5, entries: list[_Entry]
-                       ) -> dict[str, np.ndarray]:
-  params = _model_params(model)
-  arrays = {}
-  for entry in entries:
-    array = params[entry.path]
-    arrays[entry.key] = np.ascontiguousarray(array.T if entry.transpose
-                                             else array)
-  return arrays
-
-
 def to_hf_state_dict(model: T5) -> dict[str, np.ndarray]:
   """``model``'s arrays under HF ``MT5ForConditionalGeneration`` names."""
-  return _checkpoint_arrays(model, hf_entries(model.config))
+  return km.to_checkpoint(_model_params(model), hf_entries(model.config))
 
 
 def to_t5x_params(model: T5) -> dict:
   """``model``'s arrays as the nested T5X params (what ``target`` holds)."""
-  return _unflatten(_checkpoint_arrays(model, t5x_entries(model.config)))
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return tree
+  return km.unflatten(km.to_checkpoint(_model_params(model),
+                                       t5x_entries(model.config)))
 
 
 # ---------------------------------------------------------------------------
@@ -322,35 +264,15 @@ def params_from_hf_t5(state_dict: Mapping[str, Any], config: T5Config,
     ValueError: naming every missing, unexpected or misshapen array.
   """
   entries = hf_entries(config)
-  available = {k: _ArrayInfo(tuple(v.shape), _dtype_name(v), source)
-               for k, v in state_dict.items()}
+  available = km.describe(state_dict, source)
   _check(available, entries, source, _hf_tolerated(config))
   _check_embedding_copies(state_dict.__getitem__, available,
-                          _to_numpy(state_dict["shared.weight"]), source)
+                          km.to_numpy(state_dict["shared.weight"]), source)
   return _assemble(config, entries, state_dict.__getitem__)
 
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32",
                        "F64": "float64", "I32": "int32", "I64": "int64"}
-
-
-def _safetensors_files(path: str) -> tuple[str, dict[str, str]]:
-  """``(source, key -> file)`` of a single file, a directory, or an index."""
-  if os.path.isdir(path):
-    index = os.path.join(path, HF_INDEX_FILE)
-    single = os.path.join(path, HF_SINGLE_FILE)
-    if os.path.exists(index):
-      path = index
-    elif os.path.exists(single):
-      path = single
-    else:
-      raise ValueError(f"{path}: neither {HF_INDEX_FILE} nor {HF_SINGLE_FILE}")
-  if path.endswith(".json"):
-    with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
-    folder = os.path.dirname(path)
-    return path, {k: os.path.join(folder, v) for k, v in weight_map.items()}
-  return path, {}
 
 
 def load_hf_safetensors(path_or_dir: str | os.PathLike, config: T5Config,
@@ -370,17 +292,17 @@ def load_hf_safetensors(path_or_dir: str | os.PathLike, config: T5Config,
   """
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
 
-  source, key_files = _safetensors_files(os.fspath(path_or_dir))
-  files = sorted(set(key_files.values())) if key_files else [source]
-  available: dict[str, _ArrayInfo] = {}
+  source, key_files = km.safetensors_files(os.fspath(path_or_dir))
+  files = km.files_of(source, key_files)
+  available: dict[str, km.ArrayInfo] = {}
   for file in files:
     with safe_open(file, framework="numpy") as f:
       for key in f.keys():
         tensor = f.get_slice(key)
         dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(),
                                         tensor.get_dtype().lower())
-        available[key] = _ArrayInfo(tuple(tensor.get_shape()), dtype,
-                                    os.path.basename(file))
+        available[key] = km.ArrayInfo(tuple(tensor.get_shape()), dtype,
+                                      os.path.basename(file))
         if key_files and key_files.get(key) != file:
           raise ValueError(f"{source}: {key} is in {os.path.basename(file)} "
                            f"but the index says {key_files.get(key)}")
@@ -488,23 +410,15 @@ def _t5x_root(tree: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
   return tree, ""
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + "/"))
-    else:
-      flat[name] = value
-  return flat
+# The T5X tree's keys, joined with "/".
+_flatten = km.flatten
+_unflatten = km.unflatten
 
 
 def _check_t5x(flat: Mapping[str, Any], config: T5Config, source: str,
-               prefix: str) -> list[_Entry]:
+               prefix: str) -> list[km.Entry]:
   entries = t5x_entries(config)
-  available = {k: _ArrayInfo(tuple(v.shape), _dtype_name(v), source)
-               for k, v in flat.items()}
-  _check(available, entries, source, key_prefix=prefix)
+  _check(km.describe(flat, source), entries, source, key_prefix=prefix)
   return entries
 
 
