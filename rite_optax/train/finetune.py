@@ -1256,8 +1256,8 @@ def _train(config: FinetuneConfig, output_dir: pathlib.Path,
         checkpoints.wait()  # the saves started before are complete
         raise step_lib.NonFiniteStepsError(
             f"{e}; the newest checkpoint, step {checkpoints.latest_step()} in "
-            f"{checkpoints.directory}, is finite: lower --learning-rate and resume "
-            f"from it") from e
+            f"{checkpoints.directory}, is finite: lower --learning-rate and "
+            f"resume from it") from e
       progress.close()
     finally:
       if pending:  # the steps a failing run took are logged too
