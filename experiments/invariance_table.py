@@ -2,9 +2,14 @@
 
 Runs every optimizer of the registry from ``(A, B)`` and ``(A S, B S^-T)``,
 ``cond(S) = 1e4``, in float64, and prints the largest relative drift of the
-products over the steps. Usage::
+products over the steps. ``--emulate`` instead runs the invariant optimizers
+in float32 with every matrix product's operands rounded as a TPU or a GPU
+rounds them at the product's precision
+(:func:`rite_optax.linalg.emulate_precision`), for each ``precision=``
+setting: what the precision buys on the hardware, measured on a CPU. Usage::
 
     python experiments/invariance_table.py [--steps 50]
+    python experiments/invariance_table.py --emulate [--steps 50]
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import rite_optax
+from rite_optax import invariance
 
 # Learning rates at which every method makes real progress on the problem
 # below; the gap is a property of the method, not of the rate.
@@ -53,11 +60,95 @@ def measure(steps: int = 50, cond: float = 1e4) -> dict[str, float]:
   return gaps
 
 
+# (label, precision= argument, override of every product's precision): the
+# first row is the library before issue 18, which passed no precision.
+EMULATED = [
+    ("none passed (before)", None, jax.lax.Precision.DEFAULT),
+    ("DEFAULT", "default", None),
+    ("HIGH", "high", None),
+    ("(HIGHEST, HIGH)", ("highest", "high"), None),
+    ("HIGHEST (the default)", None, None),
+]
+# Scaled GD (reg = 0) is left out: in float32 its Cholesky of B.T B fails at
+# cond(S) = 1e4 whatever the precision (NaN from the first steps on a CPU).
+INVARIANT = {"lora_rite": dict(learning_rate=1e-2)}
+
+
+def gap_or_nan(tx, params, steps: int, cond: float, seed: int = 0) -> float:
+  """:func:`rite_optax.invariance_gap`, but NaN once either run's products
+  are not finite (a Cholesky of a Gram that rounding made indefinite):
+  ``max`` over the steps would otherwise hide it."""
+  key_s, key_loss = jax.random.split(jax.random.PRNGKey(seed))
+  loss_fn = invariance.product_loss(params, key_loss)
+
+  @jax.jit
+  def step(tree, state):
+    updates, state = tx.update(jax.grad(loss_fn)(tree), state, tree)
+    return optax.apply_updates(tree, updates), state
+
+  def flat(tree):
+    return jnp.concatenate([p.ravel() for p in invariance.lora_products(tree)])
+
+  trees = [params, invariance.transform_factors(params, key_s, cond)]
+  states = [tx.init(t) for t in trees]
+  gap = 0.0
+  for _ in range(steps):
+    for i in range(2):
+      trees[i], states[i] = step(trees[i], states[i])
+    p1, p2 = flat(trees[0]), flat(trees[1])
+    if not bool(jnp.all(jnp.isfinite(p1)) & jnp.all(jnp.isfinite(p2))):
+      return float("nan")
+    gap = max(gap, float(jnp.linalg.norm(p1 - p2) / jnp.linalg.norm(p1)))
+  return gap
+
+
+def measure_emulated(steps: int = 50, cond: float = 1e4,
+                     platforms=("tpu", "gpu")) -> dict[tuple[str, str, str],
+                                                        float]:
+  """Float32 invariance gap per (optimizer, precision label, platform)."""
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), problem())
+  gaps = {}
+  for name, hp in INVARIANT.items():
+    hp = dict(hp)
+    lr = hp.pop("learning_rate")
+    for label, precision, override in EMULATED:
+      kw = dict(hp) if precision is None else dict(hp, precision=precision)
+      tx = rite_optax.get_optimizer(name, lr, **kw)
+      for platform in platforms:
+        emulated = optax.GradientTransformation(
+            tx.init, rite_optax.linalg.emulate_precision(tx.update, platform,
+                                                          override))
+        gaps[name, label, platform] = gap_or_nan(emulated, params, steps,
+                                                 cond)
+  return gaps
+
+
+def main_emulated(steps: int, cond: float):
+  gaps = measure_emulated(steps, cond)
+  bound = float(jnp.finfo(jnp.float32).eps) * cond * np.sqrt(steps)
+  print(f"float32 invariance gap, {steps} steps, cond(S) = {cond:g}; the "
+        f"float32 test's bound eps32 cond sqrt(steps) = {bound:.1e}")
+  print("| precision= | " + " | ".join(
+      f"`{n}` {p.upper()}" for n in INVARIANT for p in ("tpu", "gpu")) + " |")
+  print("| --- |" + " ---: |" * (2 * len(INVARIANT)))
+  for label, _, _ in EMULATED:
+    cells = [gaps[n, label, p] for n in INVARIANT for p in ("tpu", "gpu")]
+    print(f"| {label} | " + " | ".join(
+        f"{g:.1e}" + ("" if g <= bound else " (fails)") for g in cells)
+          + " |")
+  return gaps
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--cond", type=float, default=1e4)
+  parser.add_argument("--emulate", action="store_true",
+                      help="float32 on emulated TPU / GPU products, per "
+                      "precision")
   args = parser.parse_args(argv)
+  if args.emulate:
+    return main_emulated(args.steps, args.cond)
   gaps = measure(args.steps, args.cond)
   print(f"| optimizer | invariance gap ({args.steps} steps, cond(S) = "
         f"{args.cond:g}, float64) |")
