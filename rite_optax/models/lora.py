@@ -69,9 +69,12 @@ class LoRADense(nnx.Module):
     """The base layer with ``scale * lora_a @ lora_b`` added to its kernel."""
     base = nnx.clone(self.base)
     kernel = base.kernel[...]
-    update = self.scale * (self.lora_a[...].astype(jnp.float32)
-                           @ self.lora_b[...].astype(jnp.float32))
-    base.kernel[...] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
+    # At least float32 (a bfloat16 kernel gains a float32 product), and a
+    # float64 kernel keeps its precision.
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    update = self.scale * (self.lora_a[...].astype(dtype)
+                           @ self.lora_b[...].astype(dtype))
+    base.kernel[...] = (kernel.astype(dtype) + update).astype(kernel.dtype)
     return base
 
 
