@@ -329,15 +329,18 @@ def save_gemma_checkpoint(model: Gemma, path: str | os.PathLike) -> None:
 # HF transformers state dicts.
 
 
+def _out_in_linear(key: str, path: Path, out_features: int,
+                   in_features: int) -> km.Entry:
+  """A kernel stored ``(out, in)``: torch.nn.Linear's layout, and the numpy
+  view of GGUF's ``ne = [in, out]``; nnx.Linear's is ``(in, out)``."""
+  return km.direct(key, path + ("kernel",), (out_features, in_features),
+                   transpose=True)
+
+
 def _hf_entries(config: GemmaConfig) -> list[km.Entry]:
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
   d, f = config.d_model, config.mlp_dim
-
-  def linear(key: str, path: Path, out_features: int,
-             in_features: int) -> km.Entry:
-    # torch.nn.Linear stores (out, in); nnx.Linear (in, out).
-    return km.direct(key, path + ("kernel",), (out_features, in_features),
-                     transpose=True)
+  linear = _out_in_linear
 
   rows = (config.vocab_size,)
   if config.qk_norm and config.vocab_size == gemma_lib.GEMMA3_VOCAB:
@@ -511,12 +514,7 @@ def load_hf_gemma(path: str | os.PathLike, config: GemmaConfig,
 def _gguf_entries(config: GemmaConfig) -> list[km.Entry]:
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
   d, f = config.d_model, config.mlp_dim
-
-  def linear(key: str, path: Path, out_features: int,
-             in_features: int) -> km.Entry:
-    # GGUF's ne = [in, out]: the numpy view is (out, in), as torch's.
-    return km.direct(key, path + ("kernel",), (out_features, in_features),
-                     transpose=True)
+  linear = _out_in_linear
 
   def norm(key: str, path: Path, dim: Optional[int] = None) -> km.Entry:
     return _norm(key, config, path, dim, offset=-1.0)
