@@ -1,6 +1,6 @@
 """Does it train better? Every optimizer of the registry, compared on a CPU.
 
-Two settings (``--setting``):
+Three settings (``--setting``):
 
 ``cpu`` (default): the paper's comparison at CPU scale. A small
 Gemma-architecture base (``gemma.PRESETS["small"]``, byte vocabulary) is
@@ -43,6 +43,10 @@ protocol, the command, the machine, the wall time) and PNGs
     python experiments/compare.py                      # ~40 min on 2 cores
     python experiments/compare.py --quick              # < 5 min
     python experiments/compare.py --setting synthetic
+    python experiments/compare.py --setting gemma3     # CPU-days, resumable
+
+``gemma3``: the released Gemma 3 270M (``experiments/gemma3_compare.py``,
+its own flags and report in ``docs/results/gemma3``).
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import pretrain  # noqa: E402  (experiments/, beside this script)
+import gemma3_compare  # noqa: E402  (experiments/, beside this script)
+import pretrain  # noqa: E402
 import synthetic  # noqa: E402
 import rite_optax  # noqa: E402
 from rite_optax import data as data_lib  # noqa: E402
@@ -85,7 +90,7 @@ from rite_optax.train import finetune  # noqa: E402
 from rite_optax.train import step as step_lib  # noqa: E402
 from rite_optax.train import sweep  # noqa: E402
 
-SETTINGS = ("cpu", "synthetic")
+SETTINGS = ("cpu", "synthetic", "gemma3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -893,10 +898,22 @@ def _config_dict(settings) -> dict[str, Any]:
   return config
 
 
+def _setting(argv: Sequence[str]) -> Optional[str]:
+  """The value of ``--setting`` in ``argv``, if any."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--setting="):
+      return arg.split("=", 1)[1]
+    if arg == "--setting" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   """Run the comparison, write ``report.json``, ``README.md`` and PNGs to
   ``--out`` and return the report."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  if _setting(argv) == "gemma3":  # its own flags: gemma3_compare --help
+    return gemma3_compare.main(argv)
   args = parse_args(argv)
   settings = settings_from_args(args)
   name = "compare" if args.setting == "cpu" else "synthetic"

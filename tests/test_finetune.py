@@ -4,6 +4,7 @@ to end in a shortened form."""
 import dataclasses
 import json
 
+import jax
 import pytest
 
 import finetune as finetune_cli  # experiments/finetune.py
@@ -102,3 +103,35 @@ def test_mesh_specs():
       finetune.mesh_sizes(bad, 8)
   with pytest.raises(ValueError, match="do not divide"):
     finetune.mesh_sizes("3,-1,1", 8)
+
+
+def test_lora_init_scale_scales_lora_a_and_leaves_b_zero():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from rite_optax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  def factors(scale):
+    config = finetune.FinetuneConfig(model="tiny", lora_init_scale=scale)
+    model = finetune.build_model(config, finetune.build_tokenizer(config),
+                                 finetune.build_mesh("1,1,1"))
+    _, params, _ = step_lib.split_model(model)
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+            jax.tree_util.tree_leaves_with_path(params)}
+
+  one, hundred = factors(1.0), factors(100.0)
+  assert one.keys() == hundred.keys()
+  for path, a in one.items():
+    if "lora_a" in path:
+      np.testing.assert_allclose(hundred[path], 100.0 * a, rtol=1e-6)
+    else:
+      assert not hundred[path].any()
+  with pytest.raises(ValueError, match="lora_init_scale"):
+    finetune.validate(finetune.FinetuneConfig(lora_init_scale=0.0))
+
+
+def test_eval_task_metrics_false_evaluates_the_loss_only(tmp_path):
+  config = finetune.FinetuneConfig(
+      steps=2, eval_every=2, eval_examples=4, batch_size=2, max_len=192,
+      eval_task_metrics=False, source="mock", task="arc_easy",
+      output_dir=str(tmp_path / "run"), mesh="1,1,1")
+  history = finetune.run(config)
+  assert sorted(k for k in history if k.startswith("eval/")) == ["eval/loss"]

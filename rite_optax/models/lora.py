@@ -108,7 +108,9 @@ def _modules(model: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
 
 
 def inject_lora(model: nnx.Module, rank: int, alpha: float,
-                targets: str | Iterable[str], rngs: nnx.Rngs) -> list[str]:
+                targets: str | Iterable[str], rngs: nnx.Rngs,
+                a_init: nnx.Initializer = nnx.initializers.he_uniform()
+                ) -> list[str]:
   """Wrap each ``nnx.Linear`` whose ``/``-joined path matches ``targets``.
 
   Args:
@@ -118,6 +120,7 @@ def inject_lora(model: nnx.Module, rank: int, alpha: float,
     targets: a regular expression (or several) searched in each module path,
       e.g. ``r"attn/(q|k|v|o)$"`` or ``r"mlp/(gate|up|down)$"``.
     rngs: for the ``lora_a`` initialisation.
+    a_init: ``lora_a``'s initializer (``lora_b`` starts at zero).
 
   Returns:
     The paths that were wrapped.
@@ -133,7 +136,8 @@ def inject_lora(model: nnx.Module, rank: int, alpha: float,
     if (isinstance(module, nnx.Linear) and path
         and any(c.search(name) for c in compiled)):
       _set_child(_parent(model, path), path[-1],
-                 LoRADense(module, rank, alpha, rngs=rngs))
+                 LoRADense(module, rank, alpha, rngs=rngs,
+                                           a_init=a_init))
       wrapped.append(name)
   if not wrapped:
     linears = [_path_str(p) for p, m in _modules(model)

