@@ -62,10 +62,6 @@ class ScaleByLoraProState(NamedTuple):
   nu: optax.Updates
 
 
-def _compute_dtype(*dtypes) -> jnp.dtype:
-  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
-
-
 def _gram_pinv(x: jax.Array, delta: jax.Array,
                p: linalg.MatmulPrecision) -> jax.Array:
   """``pinv(X.T X + delta I)`` for a factor ``x (rows, r)``."""
@@ -283,8 +279,8 @@ def scale_by_lora_pro(
   matmul = linalg.matmul_precision(precision)
 
   def pair_dtype(pair, leaves):
-    return _compute_dtype(leaves[pair.a_index].dtype,
-                          leaves[pair.b_index].dtype)
+    return pairs_lib.compute_dtype(leaves[pair.a_index].dtype,
+                                   leaves[pair.b_index].dtype)
 
   def init_fn(params):
     found = pairs_lib.find_pairs(params, pair_spec)
@@ -311,18 +307,10 @@ def scale_by_lora_pro(
         nu=jax.tree.map(jnp.zeros_like, zeros))
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("scale_by_lora_pro needs params: the adjustment is "
-                       "built from the current factors")
-    found = pairs_lib.find_pairs(params, pair_spec)
-    found.check_like(updates, "gradient")
-    leaves = jax.tree_util.tree_leaves(params)
-    out_dtypes = [p.dtype for p in leaves]
-    dtypes = [pair_dtype(pair, leaves) for pair in found.pairs]
-    factors = [(a.astype(d), b.astype(d)) for (a, b), d in
-               zip(found.split(params, "params"), dtypes)]
-    grads = [(ga.astype(d), gb.astype(d)) for (ga, gb), d in
-             zip(found.split(updates, "gradient"), dtypes)]
+    inputs = pairs_lib.pair_inputs("scale_by_lora_pro", updates, params,
+                                   pair_spec)
+    found, factors, grads, dtypes = (inputs.found, inputs.factors,
+                                     inputs.grads, inputs.dtypes)
 
     if mode == "full":
       mus = found.split_per_adapter(state.mu, "state.mu")
@@ -342,8 +330,8 @@ def scale_by_lora_pro(
       mu_tree = found.merge_per_adapter(state.mu, new_mu)
       nu_tree = found.merge_per_adapter(state.nu, new_nu)
     else:
-      mus = found.split(state.mu, "state.mu")
-      nus = found.split(state.nu, "state.nu")
+      mus = inputs.split(state.mu, "state.mu")
+      nus = inputs.split(state.nu, "state.nu")
       step = jax.vmap(functools.partial(_efficient_step, p=matmul),
                       in_axes=(0,) * 8 + (None,) * 6)
       directions, new_mu, new_nu = [], [], []
@@ -356,12 +344,12 @@ def scale_by_lora_pro(
         directions.append((d_a, d_b))
         new_mu.append((mu_a, mu_b))
         new_nu.append((nu_a, nu_b))
-      mu_tree = found.merge(state.mu, new_mu)
-      nu_tree = found.merge(state.nu, new_nu)
+      mu_tree = inputs.merge(state.mu, new_mu)
+      nu_tree = inputs.merge(state.nu, new_nu)
 
     new_state = ScaleByLoraProState(
         count=optax.safe_increment(state.count), mu=mu_tree, nu=nu_tree)
-    return found.merge(updates, directions, out_dtypes), new_state
+    return inputs.merge(updates, directions, updates=True), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

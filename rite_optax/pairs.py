@@ -376,6 +376,69 @@ class LoraPairs:
                                         leaves)
 
 
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+  """The dtype every optimizer of the library computes a pair in: that of
+  its factors (promoted), at least float32 (float64 stays float64)."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairInputs:
+  """One ``update``'s pairs, split: what every optimizer's update starts from.
+
+  Attributes:
+    found: the tree's :class:`LoraPairs`.
+    factors: per pair ``(A, B)`` in the pair's compute dtype.
+    grads: per pair ``(G_A, G_B)`` in the same dtype.
+    dtypes: per pair, its :func:`compute_dtype`.
+    out_dtypes: per leaf, the parameter's dtype, that of the updates.
+    native: whether :meth:`LoraPairs.split` kept each factor's memory layout.
+  """
+
+  found: LoraPairs
+  factors: list[tuple[jax.Array, jax.Array]]
+  grads: list[tuple[jax.Array, jax.Array]]
+  dtypes: list[Any]
+  out_dtypes: list[Any]
+  native: bool = False
+
+  def split(self, tree: Any, what: str) -> list[tuple[jax.Array, jax.Array]]:
+    """A factor-shaped tree of the state (moments), split as the factors."""
+    return self.found.split(tree, what, native=self.native)
+
+  def merge(self, like: Any, per_pair: Sequence[tuple[jax.Array, jax.Array]],
+            *, updates: bool = False) -> Any:
+    """Inverse of :meth:`split`; ``updates=True`` casts each leaf to its
+    parameter's dtype (the updates optax applies)."""
+    return self.found.merge(like, per_pair,
+                            self.out_dtypes if updates else None,
+                            native=self.native)
+
+
+def pair_inputs(name: str, updates: Any, params: Any,
+                spec: Optional[SpecFn] = None, *, native: bool = False,
+                found: Optional[LoraPairs] = None) -> PairInputs:
+  """The walk every optimizer's ``update`` starts with: refuse a missing
+  ``params`` (naming the optimizer ``name``), find the pairs (or take
+  ``found``), check that the gradient has the parameters' tree, and split
+  factors and gradients in the compute dtype (:func:`compute_dtype`)."""
+  if params is None:
+    raise ValueError(f"{name} needs params: its preconditioner is built from "
+                     "the current factors")
+  if found is None:
+    found = find_pairs(params, spec)
+  found.check_like(updates, "gradient")
+  leaves = jax.tree_util.tree_leaves(params)
+  dtypes = [compute_dtype(leaves[p.a_index].dtype, leaves[p.b_index].dtype)
+            for p in found.pairs]
+  factors = [(a.astype(d), b.astype(d)) for (a, b), d in
+             zip(found.split(params, "params", native=native), dtypes)]
+  grads = [(ga.astype(d), gb.astype(d)) for (ga, gb), d in
+           zip(found.split(updates, "gradient", native=native), dtypes)]
+  return PairInputs(found, factors, grads, dtypes,
+                    [leaf.dtype for leaf in leaves], native)
+
+
 def find_pairs(tree: Any, spec: Optional[SpecFn] = None,
                root: str = "params") -> LoraPairs:
   """Find the LoRA pairs of ``tree`` (arrays or ``ShapeDtypeStruct`` leaves).

@@ -25,10 +25,6 @@ from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
 
-def _compute_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _scale_by_other_gram(grad: jax.Array, other: jax.Array, reg: jax.Array,
                          precision: linalg.PrecisionLike = None) -> jax.Array:
   """``grad @ inv(other.T @ other + reg I)`` for ``grad (rows, r)``, ``other (rows', r)``.
@@ -52,23 +48,6 @@ def _scaled_grads(a, b, grad_a, grad_b, reg, precision=None):
   """
   return (_scale_by_other_gram(grad_a, b, reg, precision),
           _scale_by_other_gram(grad_b, a, reg, precision))
-
-
-def _canonical_inputs(found: pairs_lib.LoraPairs, updates, params):
-  """Per pair ``(A, B)`` and ``(G_A, G_B)`` in the compute dtype, and out dtypes."""
-  found.check_like(updates, "gradient")
-  factors = [(a.astype(_compute_dtype(a.dtype)), b.astype(_compute_dtype(b.dtype)))
-             for a, b in found.split(params, "params")]
-  grads = [(ga.astype(a.dtype), gb.astype(b.dtype)) for (ga, gb), (a, b) in
-           zip(found.split(updates, "gradient"), factors)]
-  out_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
-  return factors, grads, out_dtypes
-
-
-def _needs_params(name: str, params) -> None:
-  if params is None:
-    raise ValueError(f"{name} needs params: the preconditioner is built from "
-                     "the current factors")
 
 
 def scale_by_riemannian_preconditioner(
@@ -111,15 +90,14 @@ def scale_by_riemannian_preconditioner(
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
-    _needs_params("scale_by_riemannian_preconditioner", params)
-    found = pairs_lib.find_pairs(params, pair_spec)
-    factors, grads, out_dtypes = _canonical_inputs(found, updates, params)
+    inputs = pairs_lib.pair_inputs("scale_by_riemannian_preconditioner",
+                                   updates, params, pair_spec)
     # ALGORITHMS.md 2, per pair and stacked layer.
     scale = jax.vmap(functools.partial(_scaled_grads, precision=precision),
                      in_axes=(0, 0, 0, 0, None))
-    scaled = [scale(a, b, ga, gb, jnp.asarray(reg, a.dtype))
-              for (a, b), (ga, gb) in zip(factors, grads)]
-    return found.merge(updates, scaled, out_dtypes), state
+    scaled = [scale(a, b, ga, gb, jnp.asarray(reg, d)) for (a, b), (ga, gb), d
+              in zip(inputs.factors, inputs.grads, inputs.dtypes)]
+    return inputs.merge(updates, scaled, updates=True), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -250,17 +228,16 @@ def scale_by_riemannian_adam(
   def init_fn(params):
     pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
     def zeros(p):
-      return jnp.zeros(p.shape, _compute_dtype(p.dtype))
+      return jnp.zeros(p.shape, pairs_lib.compute_dtype(p.dtype))
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
                                   mu=jax.tree.map(zeros, params),
                                   nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
-    _needs_params("scale_by_riemannian_adam", params)
-    found = pairs_lib.find_pairs(params, pair_spec)
-    factors, grads, out_dtypes = _canonical_inputs(found, updates, params)
-    mus = found.split(state.mu, "state.mu")
-    nus = found.split(state.nu, "state.nu")
+    inputs = pairs_lib.pair_inputs("scale_by_riemannian_adam", updates,
+                                   params, pair_spec)
+    mus = inputs.split(state.mu, "state.mu")
+    nus = inputs.split(state.nu, "state.nu")
     count_inc = optax.safe_increment(state.count)
     if not sequential:
       step_size = 0.0  # unused
@@ -273,9 +250,9 @@ def scale_by_riemannian_adam(
                                              precision=precision),
                            in_axes=(0,) * 8 + (None,) * 9)
     directions, new_mu, new_nu = [], [], []
-    for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b) in zip(
-        factors, grads, mus, nus):
-      hyper = [jnp.asarray(x, a.dtype)
+    for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b), dtype in zip(
+        inputs.factors, inputs.grads, mus, nus, inputs.dtypes):
+      hyper = [jnp.asarray(x, dtype)
                for x in (b1, b2, eps, reg, step_size, weight_decay)]
       d, mu, nu = pair_update(a, b, ga, gb, mu_a, mu_b, nu_a, nu_b, count_inc,
                               *hyper, correct_bias, sequential)
@@ -285,9 +262,9 @@ def scale_by_riemannian_adam(
 
     new_state = optax.ScaleByAdamState(
         count=count_inc,
-        mu=found.merge(state.mu, new_mu),
-        nu=found.merge(state.nu, new_nu))
-    return found.merge(updates, directions, out_dtypes), new_state
+        mu=inputs.merge(state.mu, new_mu),
+        nu=inputs.merge(state.nu, new_nu))
+    return inputs.merge(updates, directions, updates=True), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from rite_optax import linalg
+from rite_optax import pairs as pairs_lib
 
 GRAFT_TYPES = ("adam", "sgd", "none")
 
@@ -174,6 +175,77 @@ def _graft(direction: jax.Array, graft_direction: jax.Array,
       direction.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ShampooHyper:
+  """:func:`scale_by_shampoo`'s hyperparameters, for :func:`_shampoo_leaf`."""
+
+  b1: float
+  b2: float
+  eps: float
+  graft_type: str
+  graft_eps: float
+  start_preconditioning_step: Any
+  relative_eps: bool
+  batch_dims: int
+  precondition_every: Any
+  matmul: linalg.MatmulPrecision
+
+
+def _shampoo_leaf(grad: jax.Array, mu: jax.Array, nu: jax.Array, stat: Any,
+                  count: jax.Array, lay: Optional["_MatrixLayout"],
+                  h: _ShampooHyper) -> tuple[jax.Array, jax.Array, jax.Array,
+                                             Any]:
+  """Steps 1-5 of :func:`scale_by_shampoo` on one leaf: ``(direction, mu,
+  nu, stats)``, the direction in the gradient's dtype. ``lay`` is the leaf's
+  matrix blocking, or None for a leaf that gets Adam's scaling."""
+  dtype = nu.dtype
+  g = grad.astype(dtype)
+  t = count.astype(dtype) + 1  # steps including this one
+  beta1, beta2 = jnp.asarray(h.b1, dtype), jnp.asarray(h.b2, dtype)
+  summing = beta2 == 1
+  weight2 = jnp.where(summing, 1.0, 1 - beta2)
+  correction2 = jnp.where(summing, 1.0, 1 - beta2**t)
+  batch = math.prod(g.shape[:_num_batch_dims(g.shape, h.batch_dims)])
+
+  nu = beta2 * nu + weight2 * jnp.square(g)  # step 1
+  adam = g / (jnp.sqrt(nu / correction2) + h.graft_eps)
+
+  if lay is None:
+    direction = adam
+  else:  # step 2
+    blocks = lay.to_blocks(g)
+    blocks_t = jnp.swapaxes(blocks, 1, 2)
+    left = beta2 * stat.left + weight2 * jnp.matmul(
+        blocks, blocks_t, precision=h.matmul.gram)
+    right = beta2 * stat.right + weight2 * jnp.matmul(
+        blocks_t, blocks, precision=h.matmul.gram)
+
+    def roots():
+      epsilon = jnp.asarray(h.eps, dtype)
+      return (_inverse_root(left / correction2, 4, epsilon, h.relative_eps),
+              _inverse_root(right / correction2, 4, epsilon, h.relative_eps))
+
+    if isinstance(h.precondition_every, int) and h.precondition_every == 1:
+      left_root, right_root = roots()
+    else:
+      left_root, right_root = jax.lax.cond(
+          count % h.precondition_every == 0, roots,
+          lambda: (stat.left_root, stat.right_root))
+    direction = lay.from_blocks(jnp.matmul(
+        jnp.matmul(left_root, blocks, precision=h.matmul.product),
+        right_root, precision=h.matmul.product))
+    stat = ShampooStatistics(left, right, left_root, right_root)
+
+  graft_direction = {"adam": adam, "sgd": g, "none": adam}[h.graft_type]
+  if h.graft_type != "none":  # step 3
+    direction = _graft(direction, graft_direction, batch)
+  direction = jnp.where(count >= h.start_preconditioning_step,  # step 4
+                        direction, graft_direction)
+
+  mu = beta1 * mu + (1 - beta1) * direction  # step 5
+  return (mu / (1 - beta1**t)).astype(grad.dtype), mu, nu, stat
+
+
 def scale_by_shampoo(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -282,9 +354,6 @@ def scale_by_shampoo(
   block_size, batch_dims = int(block_size), int(batch_dims)
   matmul = linalg.matmul_precision(precision)
 
-  def compute_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
   def layout(leaf):
     return _matrix_layout(tuple(leaf.shape), batch_dims, block_size)
 
@@ -292,14 +361,14 @@ def scale_by_shampoo(
     lay = layout(param)
     if lay is None:
       return optax.MaskedNode()
-    dtype = compute_dtype(param.dtype)
+    dtype = pairs_lib.compute_dtype(param.dtype)
     left = jnp.zeros((lay.num_blocks, lay.row_block, lay.row_block), dtype)
     right = jnp.zeros((lay.num_blocks, lay.col_block, lay.col_block), dtype)
     return ShampooStatistics(left, right, left, right)
 
   def init_fn(params):
     def zeros(p):
-      return jnp.zeros(p.shape, compute_dtype(p.dtype))
+      return jnp.zeros(p.shape, pairs_lib.compute_dtype(p.dtype))
 
     return ScaleByShampooState(
         count=jnp.zeros([], jnp.int32),
@@ -308,64 +377,24 @@ def scale_by_shampoo(
         stats=jax.tree.map(init_stats, params),
     )
 
+  hyper = _ShampooHyper(b1=b1, b2=b2, eps=eps, graft_type=graft_type,
+                        graft_eps=graft_eps,
+                        start_preconditioning_step=start_preconditioning_step,
+                        relative_eps=relative_eps, batch_dims=batch_dims,
+                        precondition_every=precondition_every, matmul=matmul)
+
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
     stats = treedef.flatten_up_to(state.stats)
-
     count = state.count
-    refresh = count % precondition_every == 0
     out, new_mu, new_nu, new_stats = [], [], [], []
     for grad, mu, nu, stat in zip(leaves, mus, nus, stats):
-      dtype = nu.dtype
-      g = grad.astype(dtype)
-      t = count.astype(dtype) + 1  # steps including this one
-      beta1, beta2 = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
-      summing = beta2 == 1
-      weight2 = jnp.where(summing, 1.0, 1 - beta2)
-      correction2 = jnp.where(summing, 1.0, 1 - beta2**t)
-      n_batch = _num_batch_dims(g.shape, batch_dims)
-      batch = math.prod(g.shape[:n_batch])
-
-      nu = beta2 * nu + weight2 * jnp.square(g)  # step 1
-      adam = g / (jnp.sqrt(nu / correction2) + graft_eps)
-
-      lay = layout(g)
-      if lay is None:
-        direction = adam
-      else:  # step 2
-        blocks = lay.to_blocks(g)
-        blocks_t = jnp.swapaxes(blocks, 1, 2)
-        left = beta2 * stat.left + weight2 * jnp.matmul(
-            blocks, blocks_t, precision=matmul.gram)
-        right = beta2 * stat.right + weight2 * jnp.matmul(
-            blocks_t, blocks, precision=matmul.gram)
-
-        def roots(left=left, right=right):
-          epsilon = jnp.asarray(eps, dtype)
-          return (_inverse_root(left / correction2, 4, epsilon, relative_eps),
-                  _inverse_root(right / correction2, 4, epsilon, relative_eps))
-
-        if isinstance(precondition_every, int) and precondition_every == 1:
-          left_root, right_root = roots()
-        else:
-          left_root, right_root = jax.lax.cond(
-              refresh, roots, lambda s=stat: (s.left_root, s.right_root))
-        direction = lay.from_blocks(jnp.matmul(
-            jnp.matmul(left_root, blocks, precision=matmul.product),
-            right_root, precision=matmul.product))
-        stat = ShampooStatistics(left, right, left_root, right_root)
-
-      graft_direction = {"adam": adam, "sgd": g, "none": adam}[graft_type]
-      if graft_type != "none":  # step 3
-        direction = _graft(direction, graft_direction, batch)
-      direction = jnp.where(count >= start_preconditioning_step,  # step 4
-                            direction, graft_direction)
-
-      mu = beta1 * mu + (1 - beta1) * direction  # step 5
-      out.append((mu / (1 - beta1**t)).astype(grad.dtype))
+      direction, mu, nu, stat = _shampoo_leaf(grad, mu, nu, stat, count,
+                                              layout(grad), hyper)
+      out.append(direction)
       new_mu.append(mu)
       new_nu.append(nu)
       new_stats.append(stat)
