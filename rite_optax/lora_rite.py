@@ -258,6 +258,166 @@ def _alike_groups(found: pairs_lib.LoraPairs, sizes, dtypes) -> list[_Group]:
           for group, start in zip(members.values(), starts)]
 
 
+# ------------------------------------------- the phases of one update (1.x)
+
+
+class _Factors:
+  """Both factors of every pair, per pair ``(A, B)``, each in its memory
+  layout (``(nb, rows, r)``, or ``(nb, r, rows)`` when ``rank_first``), and
+  the products on them that every phase uses."""
+
+  def __init__(self, rank_first: list[tuple[bool, bool]],
+               matmul: linalg.MatmulPrecision):
+    self.rank_first = rank_first
+    self.matmul = matmul
+
+  def map(self, fn: Callable[..., Any], *per_pair) -> list[tuple[Any, Any]]:
+    """``fn(rank_first, *values)`` on both factors of every pair."""
+    return [tuple(fn(*args) for args in zip(rf, *(v[i] for v in per_pair)))
+            for i, rf in enumerate(self.rank_first)]
+
+  def gram(self, x, y):
+    """Per factor ``x.T y`` (``(nb, r, r)``)."""
+    return self.map(lambda rf, u, v: _gram(u, v, rf, self.matmul.gram), x, y)
+
+  def times(self, x, m):
+    """Per factor ``x @ m`` for ``r x r`` ``m``."""
+    return self.map(lambda rf, u, k: _times(u, k, rf, self.matmul.product),
+                    x, m)
+
+  def empty(self) -> list[Any]:
+    return [None] * len(self.rank_first)
+
+
+def _orthonormalize(f: _Factors, groups: list[_Group], x, basis, *,
+                    rank_revealing: bool):
+  """1.2: the thin QR of every factor from Gram matrices, and 1.6's basis
+  change ``C = U.T basis_old``.
+
+  :func:`rite_optax.linalg.gram_qr` written out, so that ``U = U1 m2`` is
+  only used through products and never formed. Returns ``U1 = X m1`` per
+  factor, ``R^+`` per factor, and per group the ``(N, 2, ...)`` batches
+  ``(m2, R^+, C)``.
+  """
+  m1, first = f.empty(), []
+  gram_x = f.gram(x, x)
+  for group in groups:
+    m1_g, r1_g = _on_both_sides(linalg.gram_first_pass)(group.stack(gram_x))
+    group.unstack(m1_g, m1)
+    first.append((m1_g, r1_g))
+  u1 = f.times(x, m1)
+  gram_u1, cross = f.gram(u1, u1), f.gram(u1, basis)
+  r_pinv, second = f.empty(), []
+  for group, (m1_g, r1_g) in zip(groups, first):
+    rank, dtype = m1_g.shape[-1], m1_g.dtype
+    second_pass = functools.partial(
+        _second_pass,
+        factor_rtol=factor_rtol(rank, dtype) if rank_revealing else None)
+    m2_g, r_pinv_g, transport_g = _on_both_sides(second_pass)(
+        group.stack(gram_u1), group.stack(cross), m1_g, r1_g)
+    group.unstack(r_pinv_g, r_pinv)
+    second.append((m2_g, r_pinv_g, transport_g))
+  return u1, r_pinv, second
+
+
+def _unmagnify(f: _Factors, grads, r_pinv):
+  """1.3: each factor's gradient in the other factor's basis, ``Gbar_A = G_A
+  R_B^+``, ``Gbar_B = G_B R_A^+``."""
+  return f.times(grads, [(rb, ra) for ra, rb in r_pinv])
+
+
+def _skip_and_clip(second_raw, rows, *,
+                   update_skipping, clip_unmagnified_grad):
+  """1.4, skipping, and 1.5, global clipping, from ``Gbar.T Gbar`` of every
+  factor (per group of alike pairs, ``(N, 2, r, r)``) and its row count.
+
+  A factor with a non-finite gradient is skipped whatever the threshold (our
+  safe behaviour: no NaN reaches the state or the global norm). Returns per
+  group the factors kept, and the clip factor of 1.5.
+  """
+  sq_norms = [jnp.trace(s, axis1=-2, axis2=-1) for s in second_raw]
+  keep = []
+  for sq, n, s in zip(sq_norms, rows, second_raw):
+    rms = jnp.sqrt(sq / (n * s.shape[-1]))
+    too_big = (update_skipping > 0) & (rms > update_skipping)
+    keep.append(jnp.isfinite(sq) & ~too_big)
+  norm = jnp.sqrt(sum(jnp.sum(jnp.where(k, sq, 0.0))
+                      for k, sq in zip(keep, sq_norms)))
+  clip = jnp.where(
+      (clip_unmagnified_grad > 0) & (norm > clip_unmagnified_grad),
+      clip_unmagnified_grad / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return keep, clip
+
+
+def _precondition_all(f: _Factors, groups: list[_Group], second, second_raw,
+                      keep, clip, rows, eig_old, rho, count, *, b1, b2, eps,
+                      escape: bool, rank_revealing: bool):
+  """1.6-1.9, and the ``r x r`` parts of 1.10 and 1.12, for every factor
+  (:func:`_precondition`, one batch per group). Returns per factor the
+  matrices ``K1 .. K4``, the eigenvalues of ``V`` and ``rho``."""
+  k1, k2, k3, k4, eig_new, new_rho = (f.empty() for _ in range(6))
+  for group, (m2_g, r_pinv_g, transport_g), raw_g, keep_g, rows_g in zip(
+      groups, second, second_raw, keep, rows):
+    dtype = raw_g.dtype
+    precondition = _on_both_sides(functools.partial(
+        _precondition, b1=b1, b2=b2, eps=eps, escape=escape,
+        rank_rtol=second_moment_rtol(raw_g.shape[-1], dtype)
+        if rank_revealing else 0.0))
+    if escape:
+      eig_old_g, rho_g = group.stack(eig_old), group.stack(rho)
+    else:
+      eig_old_g = jnp.zeros(raw_g.shape[:-1], dtype)
+      rho_g = jnp.zeros(raw_g.shape[:2], dtype)
+    scale = jnp.where(keep_g, clip.astype(dtype), 0.0)
+    t = jnp.broadcast_to(count.astype(dtype), scale.shape)
+    k1_g, k2_g, k3_g, k4_g, eig_g, rho_g = precondition(
+        _partner(transport_g), raw_g, scale, rows_g.astype(dtype),
+        _partner(r_pinv_g), _partner(m2_g), eig_old_g, rho_g, t)
+    for batch, out in ((k1_g, k1), (k2_g, k2), (k3_g, k3), (eig_g, eig_new),
+                       (rho_g, new_rho)):
+      group.unstack(batch, out)
+    # A's K4 makes B's new basis and the other way round.
+    group.unstack(_partner(k4_g), k4)
+  return k1, k2, k3, k4, eig_new, new_rho
+
+
+def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, count, *,
+           update_capping, learning_rate, weight_decay):
+  """1.10-1.14 on the factors: the new first moments, the directions (times
+  ``-learning_rate`` if it is ours) and the new bases."""
+  # 1.10: mu' = mu K1 + nan_to_zero(Gbar K2).
+  new_mu = f.map(
+      lambda rf, m, ka, g, kb: (
+          _times(m, ka, rf, f.matmul.product)
+          + _nan_to_zero(_times(g, kb, rf, f.matmul.product))),
+      mu, k1, gbar, k2)
+  # 1.11: update capping (0 disables): rms of M = mu Q diag(w)^1/2.
+  if _maybe_positive(update_capping):
+    def capped(rf, m, w, k):
+      column_sq = jnp.sum(m * m, axis=-1 if rf else -2)
+      rms = jnp.sqrt(jnp.sum(column_sq * jnp.maximum(w, 0.0), axis=-1)
+                     / m[0].size)
+      safe_cap = jnp.where(update_capping > 0, update_capping, 1.0)
+      factor = jnp.where(update_capping > 0,
+                         1.0 / jnp.maximum(1.0, rms / safe_cap), 1.0)
+      return k * factor.astype(k.dtype)[:, None, None]
+    k3 = f.map(capped, new_mu, eig_new, k3)
+  # 1.12: back to factor coordinates, and 1.14's -learning_rate if ours.
+  decay = weight_decay
+  if learning_rate is not None:
+    step_size = (learning_rate(count) if callable(learning_rate)
+                 else learning_rate)
+    k3 = f.map(lambda _, k: -jnp.asarray(step_size, k.dtype) * k, k3)
+    decay = -step_size * weight_decay
+  directions = f.times(new_mu, k3)
+  # 1.13: weight decay, D + weight_decay X (times 1.14's -learning_rate).
+  if not _known_zero(weight_decay):
+    directions = f.map(
+        lambda _, d, v: d + jnp.asarray(decay, d.dtype) * v, directions, x)
+  # 1.14: U_old = U, kept as the other factor's second-moment root.
+  return new_mu, directions, f.times(u1, k4)
+
+
 def second_moment_rtol(rank: int, dtype: Any) -> float:
   """Eigenvalues of a second moment ``V`` at or below this times the largest
   are absent (1.9): ``10 r eps``, the resolution of ``eigh`` in ``dtype``
@@ -401,9 +561,6 @@ def scale_by_lora_rite(
 
   matmul = linalg.matmul_precision(precision)
 
-  def compute_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
   def find_pairs(params):
     found = pairs_lib.find_pairs(params, pair_spec)
     for layout, leaf in zip(found.layouts, jax.tree_util.tree_leaves(params)):
@@ -423,11 +580,11 @@ def scale_by_lora_rite(
 
   def init_fn(params):
     found = find_pairs(params)
-    dtypes = [compute_dtype(leaf.dtype)
+    dtypes = [pairs_lib.compute_dtype(leaf.dtype)
               for leaf in jax.tree_util.tree_leaves(params)]
 
     def zeros(p):
-      return jnp.zeros(p.shape, compute_dtype(p.dtype))
+      return jnp.zeros(p.shape, pairs_lib.compute_dtype(p.dtype))
 
     nu = escape_mass = None
     if escape:
@@ -445,173 +602,60 @@ def scale_by_lora_rite(
     )
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("scale_by_lora_rite needs params: the preconditioner is "
-                       "built from the current factors")
-    found = find_pairs(params)
-    found.check_like(updates, "gradient")
+    inputs = pairs_lib.pair_inputs("scale_by_lora_rite", updates, params,
+                                   native=True, find=find_pairs)
+    found = inputs.found
     found.check_like(state.mu, "state.mu")
     found.check_like(state.basis, "state.basis")
-    out_dtypes = [p.dtype for p in jax.tree_util.tree_leaves(params)]
-    num_pairs = len(found.pairs)
-    rank_first = [(p.a.rank_first, p.b.rank_first) for p in found.pairs]
+    f = _Factors([(p.a.rank_first, p.b.rank_first) for p in found.pairs],
+                 matmul)
+    x = inputs.factors
+    mu = inputs.split(state.mu, "state.mu")
+    basis = inputs.split(state.basis, "state.basis")
+    groups = _alike_groups(found, [a.shape[0] for a, _ in x], inputs.dtypes)
 
-    # Per-pair lists of (A, B) values. Factor-sized arrays keep their memory
-    # layout (native=True): (nb, rows, r), or (nb, r, rows) if rank_first.
-    def split(tree, what):
-      return found.split(tree, what, native=True)
-
-    def per_factor(fn, *per_pair):
-      """``fn(rank_first, *values)`` on both factors of every pair."""
-      return [tuple(fn(*args) for args in zip(rank_first[i],
-                                              *(v[i] for v in per_pair)))
-              for i in range(num_pairs)]
-
-    def gram(a, b):
-      return per_factor(lambda rf, u, v: _gram(u, v, rf, matmul.gram), a, b)
-
-    def times(a, m):
-      return per_factor(lambda rf, u, k: _times(u, k, rf, matmul.product),
-                        a, m)
-
-    def empty():
-      return [None] * num_pairs
-
-    x = per_factor(lambda _, v: v.astype(compute_dtype(v.dtype)),
-                   split(params, "params"))
-    grads = per_factor(lambda _, g, v: g.astype(v.dtype),
-                       split(updates, "gradient"), x)
-    mu = split(state.mu, "state.mu")
-    basis = split(state.basis, "state.basis")
-    groups = _alike_groups(
-        found, [a.shape[0] for a, _ in x],
-        [jnp.promote_types(a.dtype, b.dtype) for a, b in x])
-
-    # 1.2: thin QR from Gram matrices (linalg.gram_qr written out, so that U
-    # is only used through products and never formed), and 1.6's basis
-    # change C = U.T basis_old of every factor.
-    m1, first = empty(), []
-    gram_x = gram(x, x)
-    for group in groups:
-      m1_g, r1_g = _on_both_sides(linalg.gram_first_pass)(group.stack(gram_x))
-      group.unstack(m1_g, m1)
-      first.append((m1_g, r1_g))
-    u1 = times(x, m1)
-    gram_u1, cross = gram(u1, u1), gram(u1, basis)
-    r_pinv, second = empty(), []
-    for group, (m1_g, r1_g) in zip(groups, first):
-      rank, dtype = m1_g.shape[-1], m1_g.dtype
-      second_pass = functools.partial(
-          _second_pass,
-          factor_rtol=factor_rtol(rank, dtype) if rank_revealing else None)
-      m2_g, r_pinv_g, transport_g = _on_both_sides(second_pass)(
-          group.stack(gram_u1), group.stack(cross), m1_g, r1_g)
-      group.unstack(r_pinv_g, r_pinv)
-      second.append((m2_g, r_pinv_g, transport_g))
-
-    # 1.3: unmagnified gradients, each in the other factor's basis.
-    gbar = times(grads, [(rb, ra) for ra, rb in r_pinv])
-    second_raw = gram(gbar, gbar)
-
-    # 1.4: skipping (and our safe behaviour for non-finite gradients: such a
-    # factor is skipped whatever the threshold, so no NaN reaches the state
-    # or the global norm of 1.5). 1.5: global clipping.
-    raw = [group.stack(second_raw) for group in groups]
+    u1, r_pinv, second = _orthonormalize(f, groups, x, basis,
+                                         rank_revealing=rank_revealing)
+    gbar = _unmagnify(f, inputs.grads, r_pinv)
+    second_raw = [group.stack(f.gram(gbar, gbar)) for group in groups]
     rows = [group.stack([(np.full(a.shape[0], p.a.rows),
                           np.full(b.shape[0], p.b.rows))
                          for (a, b), p in zip(x, found.pairs)])
             for group in groups]
-    sq_norms = [jnp.trace(s, axis1=-2, axis2=-1) for s in raw]
-    keep = []
-    for sq, n, s in zip(sq_norms, rows, raw):
-      rms = jnp.sqrt(sq / (n * s.shape[-1]))
-      too_big = (update_skipping > 0) & (rms > update_skipping)
-      keep.append(jnp.isfinite(sq) & ~too_big)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.where(k, sq, 0.0))
-                        for k, sq in zip(keep, sq_norms)))
-    clip = jnp.where(
-        (clip_unmagnified_grad > 0) & (norm > clip_unmagnified_grad),
-        clip_unmagnified_grad / jnp.where(norm > 0, norm, 1.0), 1.0)
-
-    # 1.6-1.12 in r x r matrices.
+    keep, clip = _skip_and_clip(second_raw, rows,
+                                update_skipping=update_skipping,
+                                clip_unmagnified_grad=clip_unmagnified_grad)
+    eig_old = rho = None
     if escape:
       eig_old = found.split_per_adapter(state.nu, "state.nu")
       rho = found.split_per_adapter(state.escape_mass, "state.escape_mass")
-    k1, k2, k3, k4, eig_new, new_rho = (empty() for _ in range(6))
-    for group, (m2_g, r_pinv_g, transport_g), raw_g, keep_g, rows_g in zip(
-        groups, second, raw, keep, rows):
-      dtype = raw_g.dtype
-      precondition = _on_both_sides(functools.partial(
-          _precondition, b1=b1, b2=b2, eps=eps, escape=escape,
-          rank_rtol=second_moment_rtol(raw_g.shape[-1], dtype)
-          if rank_revealing else 0.0))
-      if escape:
-        eig_old_g, rho_g = group.stack(eig_old), group.stack(rho)
-      else:
-        eig_old_g = jnp.zeros(raw_g.shape[:-1], dtype)
-        rho_g = jnp.zeros(raw_g.shape[:2], dtype)
-      scale = jnp.where(keep_g, clip.astype(dtype), 0.0)
-      t = jnp.broadcast_to(state.count.astype(dtype), scale.shape)
-      k1_g, k2_g, k3_g, k4_g, eig_g, rho_g = precondition(
-          _partner(transport_g), raw_g, scale, rows_g.astype(dtype),
-          _partner(r_pinv_g), _partner(m2_g), eig_old_g, rho_g, t)
-      for batch, out in ((k1_g, k1), (k2_g, k2), (k3_g, k3), (eig_g, eig_new),
-                         (rho_g, new_rho)):
-        group.unstack(batch, out)
-      # A's K4 makes B's new basis and the other way round.
-      group.unstack(_partner(k4_g), k4)
-
-    # 1.10: the factor-sized part of the first moment's update.
-    new_mu = per_factor(
-        lambda rf, m, ka, g, kb: (
-            _times(m, ka, rf, matmul.product)
-            + _nan_to_zero(_times(g, kb, rf, matmul.product))),
-        mu, k1, gbar, k2)
-    # 1.11: update capping (0 disables): rms of M = mu Q diag(w)^1/2.
-    if _maybe_positive(update_capping):
-      def capped(rf, m, w, k):
-        column_sq = jnp.sum(m * m, axis=-1 if rf else -2)
-        rms = jnp.sqrt(jnp.sum(column_sq * jnp.maximum(w, 0.0), axis=-1)
-                       / m[0].size)
-        safe_cap = jnp.where(update_capping > 0, update_capping, 1.0)
-        factor = jnp.where(update_capping > 0,
-                           1.0 / jnp.maximum(1.0, rms / safe_cap), 1.0)
-        return k * factor.astype(k.dtype)[:, None, None]
-      k3 = per_factor(capped, new_mu, eig_new, k3)
-    # 1.12: back to factor coordinates, and 1.14's -learning_rate if ours.
-    decay = weight_decay
-    if learning_rate is not None:
-      step_size = (learning_rate(state.count) if callable(learning_rate)
-                   else learning_rate)
-      k3 = per_factor(lambda _, k: -jnp.asarray(step_size, k.dtype) * k, k3)
-      decay = -step_size * weight_decay
-    directions = times(new_mu, k3)
-    # 1.13: weight decay, D + weight_decay X (times 1.14's -learning_rate).
-    if not _known_zero(weight_decay):
-      directions = per_factor(
-          lambda _, d, v: d + jnp.asarray(decay, d.dtype) * v, directions, x)
-    # 1.14: U_old = U, kept as the other factor's second-moment root.
-    new_basis = times(u1, k4)
+    k1, k2, k3, k4, eig_new, new_rho = _precondition_all(
+        f, groups, second, second_raw, keep, clip, rows, eig_old, rho,
+        state.count, b1=b1, b2=b2, eps=eps, escape=escape,
+        rank_revealing=rank_revealing)
+    new_mu, directions, new_basis = _apply(
+        f, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, state.count,
+        update_capping=update_capping, learning_rate=learning_rate,
+        weight_decay=weight_decay)
 
     nu = escape_mass = None
     if escape:
       nu = found.merge_per_adapter(state.nu, eig_new)
       escape_mass = found.merge_per_adapter(state.escape_mass, new_rho)
-    skipped = empty()
+    skipped = f.empty()
     for group, keep_g in zip(groups, keep):
       group.unstack((~keep_g).astype(jnp.int32), skipped)
     num_skipped = sum(jnp.sum(k == 0) for k in keep).astype(jnp.int32)
     new_state = ScaleByLoraRiteState(
         count=optax.safe_increment(state.count),
-        mu=found.merge(state.mu, new_mu, native=True),
-        basis=found.merge(state.basis, new_basis, native=True),
+        mu=inputs.merge(state.mu, new_mu),
+        basis=inputs.merge(state.basis, new_basis),
         skipped=found.merge_per_adapter(state.skipped, skipped),
         total_skipped=state.total_skipped + num_skipped,
         nu=nu,
         escape_mass=escape_mass,
     )
-    return (found.merge(updates, directions, out_dtypes, native=True),
-            new_state)
+    return inputs.merge(updates, directions, updates=True), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

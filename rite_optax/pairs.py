@@ -417,16 +417,17 @@ class PairInputs:
 
 def pair_inputs(name: str, updates: Any, params: Any,
                 spec: Optional[SpecFn] = None, *, native: bool = False,
-                found: Optional[LoraPairs] = None) -> PairInputs:
+                find: Optional[Callable[[Any], LoraPairs]] = None
+                ) -> PairInputs:
   """The walk every optimizer's ``update`` starts with: refuse a missing
-  ``params`` (naming the optimizer ``name``), find the pairs (or take
-  ``found``), check that the gradient has the parameters' tree, and split
-  factors and gradients in the compute dtype (:func:`compute_dtype`)."""
+  ``params`` (naming the optimizer ``name``), find the pairs (with
+  ``find(params)`` if given, an optimizer's own checks added), check that the
+  gradient has the parameters' tree, and split factors and gradients in the
+  compute dtype (:func:`compute_dtype`)."""
   if params is None:
     raise ValueError(f"{name} needs params: its preconditioner is built from "
                      "the current factors")
-  if found is None:
-    found = find_pairs(params, spec)
+  found = find(params) if find is not None else find_pairs(params, spec)
   found.check_like(updates, "gradient")
   leaves = jax.tree_util.tree_leaves(params)
   dtypes = [compute_dtype(leaves[p.a_index].dtype, leaves[p.b_index].dtype)
