@@ -15,7 +15,8 @@ def test_main_job_evaluates_the_released_base_then_fine_tunes_it(tmp_path,
   # Adam: the pipeline is under test here, and its step compiles in half
   # LoRA-RITE's time on the 126 adapters (test_train runs LoRA-RITE's).
   config = dataclasses.replace(
-      finetune.PRESETS["gemma3_270m_arc_easy"], optimizer="adam", steps=2,
+      finetune.PRESETS["gemma3_270m_arc_easy"], optimizer="adam",
+      hparams="{}", steps=2,
       eval_every=2, eval_examples=6, max_len=32, warmup_steps=1,
       checkpoint_every=2, mesh="1,1,1", output_dir=str(tmp_path / "run"))
   history = finetune.run(config)
