@@ -74,34 +74,6 @@ EMULATED = [
 INVARIANT = {"lora_rite": dict(learning_rate=1e-2)}
 
 
-def gap_or_nan(tx, params, steps: int, cond: float, seed: int = 0) -> float:
-  """:func:`rite_optax.invariance_gap`, but NaN once either run's products
-  are not finite (a Cholesky of a Gram that rounding made indefinite):
-  ``max`` over the steps would otherwise hide it."""
-  key_s, key_loss = jax.random.split(jax.random.PRNGKey(seed))
-  loss_fn = invariance.product_loss(params, key_loss)
-
-  @jax.jit
-  def step(tree, state):
-    updates, state = tx.update(jax.grad(loss_fn)(tree), state, tree)
-    return optax.apply_updates(tree, updates), state
-
-  def flat(tree):
-    return jnp.concatenate([p.ravel() for p in invariance.lora_products(tree)])
-
-  trees = [params, invariance.transform_factors(params, key_s, cond)]
-  states = [tx.init(t) for t in trees]
-  gap = 0.0
-  for _ in range(steps):
-    for i in range(2):
-      trees[i], states[i] = step(trees[i], states[i])
-    p1, p2 = flat(trees[0]), flat(trees[1])
-    if not bool(jnp.all(jnp.isfinite(p1)) & jnp.all(jnp.isfinite(p2))):
-      return float("nan")
-    gap = max(gap, float(jnp.linalg.norm(p1 - p2) / jnp.linalg.norm(p1)))
-  return gap
-
-
 def measure_emulated(steps: int = 50, cond: float = 1e4,
                      platforms=("tpu", "gpu")) -> dict[tuple[str, str, str],
                                                         float]:
@@ -118,8 +90,8 @@ def measure_emulated(steps: int = 50, cond: float = 1e4,
         emulated = optax.GradientTransformation(
             tx.init, rite_optax.linalg.emulate_precision(tx.update, platform,
                                                           override))
-        gaps[name, label, platform] = gap_or_nan(emulated, params, steps,
-                                                 cond)
+        gaps[name, label, platform] = rite_optax.invariance_gap(
+            emulated, params, steps=steps, cond=cond)
   return gaps
 
 

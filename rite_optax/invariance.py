@@ -81,7 +81,8 @@ def invariance_gap(optimizer: optax.GradientTransformation, params: Any,
   returns the largest, over steps, of
   ``||P_1 - P_2||_F / ||P_1||_F`` with ``P`` all the pairs' products
   together. About ``1e-15 * cond`` for an invariant optimizer in float64;
-  of order ``1e-2`` or more for one that is not.
+  of order ``1e-2`` or more for one that is not. NaN once either run's
+  products are not finite (a run that diverged is not invariant).
 
   The transform is computed in float32 or wider (bfloat16 params included)
   and each transformed factor rounded to its parameter's dtype; the products
@@ -109,5 +110,7 @@ def invariance_gap(optimizer: optax.GradientTransformation, params: Any,
     for i in range(2):
       trees[i], states[i] = step(trees[i], states[i])
     p1, p2 = flat_products(trees[0]), flat_products(trees[1])
+    if not bool(jnp.all(jnp.isfinite(p1)) & jnp.all(jnp.isfinite(p2))):
+      return float("nan")  # max() over the steps would hide it
     gap = max(gap, float(jnp.linalg.norm(p1 - p2) / jnp.linalg.norm(p1)))
   return gap

@@ -96,3 +96,24 @@ def test_invariance_gap_is_zero_for_a_zero_learning_rate_and_works_on_stacks():
     assert rite_optax.invariance_gap(optax.sgd(0.05), params, steps=3) > 1e-3
     assert rite_optax.invariance_gap(rite_optax.lora_rite(0.05), params,
                                      steps=10) < 1e-8
+
+
+def test_invariance_gap_reports_a_run_that_turns_non_finite_as_nan():
+  """A run whose products become NaN is no invariant one: max() over the
+  steps would keep the finite gap of the steps before."""
+  def nan_after(n):
+    def update(updates, count, params=None):
+      del params
+      scale = jnp.where(count >= n, jnp.nan, -0.05)
+      return jax.tree.map(lambda g: scale * g, updates), count + 1
+    return optax.GradientTransformation(lambda _: jnp.zeros([], jnp.int32),
+                                        update)
+
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    params = {"lora_a": jnp.asarray(rng.standard_normal((8, 2))),
+              "lora_b": jnp.asarray(rng.standard_normal((2, 6)))}
+    assert np.isfinite(rite_optax.invariance_gap(nan_after(10), params,
+                                                 steps=3))
+    assert np.isnan(rite_optax.invariance_gap(nan_after(2), params, steps=3))
+
