@@ -466,6 +466,18 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
     return cached
 
   plan = Plan(settings, run)
+  finished = [json.loads(p.read_text())["key"]
+              for p in sorted((settings.results_dir / "runs").glob("*.json"))]
+
+  def in_progress(task, rank, name):
+    """The grid's finished points, of a grid still running (or None)."""
+    points = sorted(
+        (k["lr"], cached_run(settings, RunKey(**k))["final_eval_loss"])
+        for k in finished if (k["task"], k["rank"], k["optimizer"],
+                              k["seed"], k["init_scale"]) ==
+        (task, rank, name, 0, 1.0))
+    return {"in_progress": [list(p) for p in points]} if points else None
+
   tables: dict[str, Any] = {}
   for task in settings.tasks:
     for rank in settings.ranks:
@@ -475,7 +487,7 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
           g = plan.grid(task, rank, name)
           runs = plan.seeds(task, rank, name, g["best_lr"])
         except KeyError:
-          entry[name] = None
+          entry[name] = in_progress(task, rank, name)
           continue
         accs = [_read(settings.results_dir / "accuracy"
                       / f"{RunKey(**r['key']).name}.json") for r in runs]
@@ -523,6 +535,11 @@ def _pm(s: dict[str, Any], pct: bool = False) -> str:
   return f"{s['mean']:.4f} ± {s['std']:.4f} (n={n})"
 
 
+def _done(entry: Optional[dict[str, Any]]) -> bool:
+  """Whether an optimizer's entry is a finished grid and its seeds."""
+  return entry is not None and "in_progress" not in entry
+
+
 def significance(entry: dict[str, Any]) -> dict[str, str]:
   """Per optimizer, against Adam: ``better``/``worse`` when the means of the
   held-out loss differ by more than the larger seed spread (std), else
@@ -530,7 +547,7 @@ def significance(entry: dict[str, Any]) -> dict[str, str]:
   adam = entry.get("adam")
   out = {}
   for name, o in entry.items():
-    if name == "adam" or o is None or adam is None:
+    if name == "adam" or not _done(o) or not _done(adam):
       continue
     a, b = adam["eval_loss"], o["eval_loss"]
     if a["mean"] is None or b["mean"] is None:
@@ -564,6 +581,10 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
       o = entry.get(name)
       if o is None:
         lines.append(f"| `{name}` | not run yet | | | | | |")
+        continue
+      if "in_progress" in o:
+        lines.append(f"| `{name}` | grid running | | | | | " + ", ".join(
+            f"{lr:g}: {_fmt(v)}" for lr, v in o["in_progress"]) + " |")
         continue
       cells = [(f"**{lr:g}: {_fmt(v)}**" if lr == o["best_lr"]
                 else f"{lr:g}: {_fmt(v)}") for lr, v in o["grid"]]
@@ -605,8 +626,9 @@ def plot(settings: Gemma3Settings, found: dict[str, Any],
     plt.close(fig)
     names.append(name)
 
-  tables = {w: e for w, e in found["tables"].items()
-            if any(o is not None for o in e.values())}
+  tables = {w: {n: o for n, o in e.items() if _done(o)}
+            for w, e in found["tables"].items()}
+  tables = {w: e for w, e in tables.items() if e}
   if tables:
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4),
                              squeeze=False)
