@@ -30,15 +30,20 @@ def _scale_by_other_gram(grad: jax.Array, other: jax.Array, reg: jax.Array,
   """``grad @ inv(other.T @ other + reg I)`` for ``grad (rows, r)``, ``other (rows', r)``.
 
   The Gram matrix is symmetric positive definite (for ``reg > 0``, or a
-  full-rank ``other``), so the ``r x r`` system is solved by Cholesky rather
-  than by forming the inverse; its symmetry gives
-  ``grad inv(S) = (inv(S) grad.T).T``.
+  full-rank ``other``): its ``r x r`` inverse comes from a Cholesky
+  factorisation, and the factor-sized work is one product with it. A
+  triangular solve against every row of ``grad`` would be the same numbers
+  (both are backward stable in the ``r x r`` system), but XLA cannot split a
+  solve over rows: with factors sharded along their rows it gathers them,
+  where the product stays row-local (the Gram matrix is a sharded matmul and
+  an ``r x r`` all-reduce).
   """
-  gram = linalg.matmul(other.T, other,
-                       linalg.matmul_precision(precision).gram)
-  gram = gram + reg * jnp.eye(other.shape[-1], dtype=other.dtype)
-  cholesky = jax.scipy.linalg.cho_factor(gram, lower=True)
-  return jax.scipy.linalg.cho_solve(cholesky, grad.T).T
+  p = linalg.matmul_precision(precision)
+  gram = linalg.matmul(other.T, other, p.gram)
+  eye = jnp.eye(other.shape[-1], dtype=other.dtype)
+  cholesky = jax.scipy.linalg.cho_factor(gram + reg * eye, lower=True)
+  inverse = linalg.sym(jax.scipy.linalg.cho_solve(cholesky, eye))
+  return linalg.matmul(grad, inverse, p.product)
 
 
 def _scaled_grads(a, b, grad_a, grad_b, reg, precision=None):

@@ -1,4 +1,5 @@
-"""LoRA-RITE with factors sharded along their long axis (8 simulated devices).
+"""LoRA-RITE (and the Riemannian methods) with factors sharded along their
+long axis (8 simulated devices).
 
 The compiled update must move only ``r x r``-sized data between devices: the
 thin QR of ALGORITHMS.md 1.2 is computed from Gram matrices (local products
@@ -76,15 +77,22 @@ def _sharded_update(tx, params):
 
 
 CASES = {
-    "defaults": {},
-    "escape_and_capping": dict(escape=True, update_capping=0.01),
-    "weight_decay": dict(weight_decay=0.1),
+    "defaults": lambda: rite_optax.lora_rite(1e-2),
+    "escape_and_capping": lambda: rite_optax.lora_rite(
+        1e-2, escape=True, update_capping=0.01),
+    "weight_decay": lambda: rite_optax.lora_rite(1e-2, weight_decay=0.1),
+    # The Riemannian methods too: their Gram matrices are sharded matmuls
+    # and r x r all-reduces, their solve a row-local product.
+    "scaled_gd": lambda: rite_optax.scaled_gd(1e-2),
+    "scaled_adamw": lambda: rite_optax.scaled_adamw(1e-2),
+    "scaled_adamw_sequential": lambda: rite_optax.scaled_adamw(
+        1e-2, sequential=True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sharded_update_moves_only_r_by_r_data(case):
-  tx = rite_optax.lora_rite(1e-2, **CASES[case])
+  tx = CASES[case]()
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _tree(0))
   update, _, _ = _sharded_update(tx, params)
   hlo = update.lower(params, tx.init(params), params).compile().as_text()
@@ -126,3 +134,18 @@ def test_sharded_update_equals_unsharded():
   assert float(jnp.abs(got["attn"]["lora_a"]).max()) > 0
   leaf = sharded_state[0].basis["attn"]["lora_a"]
   assert not leaf.sharding.is_fully_replicated
+
+
+def test_sharded_scaled_adamw_equals_unsharded():
+  tx = rite_optax.scaled_adamw(1e-2, sequential=True)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _tree(1))
+  update, param_sh, state_sh = _sharded_update(tx, params)
+  state = tx.init(params)
+  sharded_state = jax.device_put(state, state_sh)
+  for seed in range(3):
+    grads = lp.grads_like(params, seed, scale=1e-3)
+    got, sharded_state = update(jax.device_put(grads, param_sh),
+                                sharded_state, jax.device_put(params, param_sh))
+    expected, state = jax.jit(tx.update)(grads, state, params)
+    chex.assert_trees_all_close(got, expected, rtol=2e-4, atol=1e-7)
+    params = jax.tree.map(lambda p, u: p + u, params, expected)

@@ -38,7 +38,8 @@ OPTIMIZERS = {
 # Optimizers whose products of factor-sized arrays fall in both classes
 # (Gram / cross products, and products with a small matrix).
 BOTH_CLASSES = ("lora_rite", "lora_rite (escape)", "lora_pro",
-                "lora_pro (efficient)", "shampoo")
+                "lora_pro (efficient)", "shampoo", "scaled_gd",
+                "scaled_adamw", "scaled_adamw (sequential)")
 
 
 def _tree():
