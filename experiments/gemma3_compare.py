@@ -629,41 +629,42 @@ def plot(settings: Gemma3Settings, found: dict[str, Any],
   tables = {w: {n: o for n, o in e.items() if _done(o)}
             for w, e in found["tables"].items()}
   tables = {w: e for w, e in tables.items() if e}
-  if tables:
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4),
-                             squeeze=False)
-    for ax, (where, entry) in zip(axes[0], tables.items()):
-      for name, o in entry.items():
-        if o is None:
-          continue
-        xs = sorted({s for c in o["train_curves"] for s, _ in c})
-        per = [dict(c) for c in o["train_curves"]]
-        mean = np.asarray([np.mean([p[x] for p in per if x in p]) for x in xs])
-        window = max(1, min(20, len(xs)))
-        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-        ax.plot(xs[window - 1:], smooth, color=colors.get(name), label=name)
-      ax.set_title(f"{where}: train loss (mean of seeds, 20-step mean)",
-                   fontsize=9)
-      ax.set_xlabel("step")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-    save(fig, "loss_curves.png")
 
+  def per_table(name, title, xlabel, draw, log_x=False):
+    """One panel per (task, rank), one curve per optimizer: ``draw(ax,
+    optimizer, entry)``."""
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4),
                              squeeze=False)
     for ax, (where, entry) in zip(axes[0], tables.items()):
-      for name, o in entry.items():
-        if o is None:
-          continue
-        lrs = [lr for lr, _ in o["grid"]]
-        ys = [v if sweep.is_finite(v) else np.nan for _, v in o["grid"]]
-        ax.plot(lrs, ys, "o-", color=colors.get(name), label=name)
-      ax.set_xscale("log")
-      ax.set_title(f"{where}: final held-out loss (seed 0)")
-      ax.set_xlabel("peak learning rate")
+      for optimizer, o in entry.items():
+        draw(ax, optimizer, o)
+      if log_x:
+        ax.set_xscale("log")
+      ax.set_title(f"{where}: {title}", fontsize=9)
+      ax.set_xlabel(xlabel)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
-    save(fig, "lr_sensitivity.png")
+    save(fig, name)
+
+  def train_curve(ax, optimizer, o):
+    xs = sorted({s for c in o["train_curves"] for s, _ in c})
+    per = [dict(c) for c in o["train_curves"]]
+    mean = np.asarray([np.mean([p[x] for p in per if x in p]) for x in xs])
+    window = max(1, min(20, len(xs)))
+    smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+    ax.plot(xs[window - 1:], smooth, color=colors.get(optimizer),
+            label=optimizer)
+
+  def lr_curve(ax, optimizer, o):
+    ax.plot([lr for lr, _ in o["grid"]],
+            [v if sweep.is_finite(v) else np.nan for _, v in o["grid"]],
+            "o-", color=colors.get(optimizer), label=optimizer)
+
+  if tables:
+    per_table("loss_curves.png", "train loss (mean of seeds, 20-step mean)",
+              "step", train_curve)
+    per_table("lr_sensitivity.png", "final held-out loss (seed 0)",
+              "peak learning rate", lr_curve, log_x=True)
   if found["invariance"]:
     inv = found["invariance"]
     fig, axes = plt.subplots(1, len(inv), figsize=(4.2 * len(inv), 3.8),
