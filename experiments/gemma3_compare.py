@@ -203,6 +203,9 @@ def train_run(settings: Gemma3Settings, key: RunKey,
   diverged = None
   try:
     result = finetune.fit(config)
+    if result.preempted:  # checkpointed: the next invocation resumes it
+      log("  preempted at a checkpoint; rerun the command to resume")
+      raise SystemExit(int(finetune.ExitCode.PREEMPTED))
     history = result.history
     _save_params(pathlib.Path(config.output_dir), result.state.params)
   except step_lib.NonFiniteStepsError as e:
@@ -483,11 +486,14 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
     for rank in settings.ranks:
       entry = tables.setdefault(f"{task}/r{rank}", {})
       for name in settings.optimizers:
+        g = None
         try:
           g = plan.grid(task, rank, name)
           runs = plan.seeds(task, rank, name, g["best_lr"])
         except KeyError:
           entry[name] = in_progress(task, rank, name)
+          if g is not None:  # the grid is done, seeds are running
+            entry[name]["best_lr"] = g["best_lr"]
           continue
         accs = [_read(settings.results_dir / "accuracy"
                       / f"{RunKey(**r['key']).name}.json") for r in runs]
@@ -583,7 +589,9 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
         lines.append(f"| `{name}` | not run yet | | | | | |")
         continue
       if "in_progress" in o:
-        lines.append(f"| `{name}` | grid running | | | | | " + ", ".join(
+        state = (f"{o['best_lr']:g}, seeds running" if "best_lr" in o
+                 else "grid running")
+        lines.append(f"| `{name}` | {state} | | | | | " + ", ".join(
             f"{lr:g}: {_fmt(v)}" for lr, v in o["in_progress"]) + " |")
         continue
       cells = [(f"**{lr:g}: {_fmt(v)}**" if lr == o["best_lr"]
