@@ -272,9 +272,7 @@ class Scorer:
       mesh = finetune.build_mesh("auto")
       model = finetune.build_model(config, tokenizer, mesh)
       graphdef, params, frozen = step_lib.split_model(model)
-      examples = finetune.load_examples(config, config.eval_split)
-      examples = [examples[i]
-                  for i in finetune.eval_order(config, len(examples))]
+      examples = finetune.held_out_examples(config)
       self._model[where] = (config, tokenizer, graphdef, params, frozen,
                             examples)
     return self._model[where]
@@ -330,20 +328,15 @@ def base_figures(settings: Gemma3Settings, scorer: Scorer, task: str,
   return cached
 
 
-def _held_out(config: finetune.FinetuneConfig) -> list[dict[str, Any]]:
-  examples = finetune.load_examples(config, config.eval_split)
-  return [examples[i] for i in finetune.eval_order(config, len(examples))]
-
-
 def _chance(config: finetune.FinetuneConfig) -> float:
   return float(np.mean([1.0 / len(ex["choices"])
-                        for ex in _held_out(config)]))
+                        for ex in finetune.held_out_examples(config)]))
 
 
 def majority_rate(settings: Gemma3Settings, task: str) -> float:
   """Accuracy of always giving the most frequent gold choice."""
   config = run_config(settings, RunKey(task, settings.ranks[0], "adam", 0.0))
-  answers = [ex["answer"] for ex in _held_out(config)]
+  answers = [ex["answer"] for ex in finetune.held_out_examples(config)]
   return max(answers.count(a) for a in set(answers)) / len(answers)
 
 
@@ -469,16 +462,14 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
     return cached
 
   plan = Plan(settings, run)
-  finished = [json.loads(p.read_text())["key"]
+  finished = [json.loads(p.read_text())
               for p in sorted((settings.results_dir / "runs").glob("*.json"))]
 
   def in_progress(task, rank, name):
     """The grid's finished points, of a grid still running (or None)."""
     points = sorted(
-        (k["lr"], cached_run(settings, RunKey(**k))["final_eval_loss"])
-        for k in finished if (k["task"], k["rank"], k["optimizer"],
-                              k["seed"], k["init_scale"]) ==
-        (task, rank, name, 0, 1.0))
+        (r["key"]["lr"], r["final_eval_loss"]) for r in finished
+        if RunKey(**r["key"]) == RunKey(task, rank, name, r["key"]["lr"]))
     return {"in_progress": [list(p) for p in points]} if points else None
 
   tables: dict[str, Any] = {}

@@ -29,8 +29,7 @@ def test_main_job_evaluates_the_released_base_then_fine_tunes_it(tmp_path,
   # Step 0 is the released model itself, scored without any adapter.
   tokenizer = finetune.build_tokenizer(config)
   base = models.load_gguf(finetune.checkpoint_path(config))
-  examples = finetune.load_examples(config, config.eval_split)
-  examples = [examples[i] for i in finetune.eval_order(config, len(examples))]
+  examples = finetune.held_out_examples(config)
   expected = eval_lib.task_metrics(base, tokenizer, "arc_easy", examples,
                                    batch_size=config.batch_size,
                                    max_len=config.max_len)

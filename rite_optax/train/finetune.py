@@ -543,6 +543,12 @@ def eval_order(config: FinetuneConfig, num_examples: int) -> np.ndarray:
       num_examples)[:config.eval_examples]
 
 
+def held_out_examples(config: FinetuneConfig) -> list[dict[str, Any]]:
+  """The held-out examples a run evaluates (:func:`eval_order`)."""
+  examples = load_examples(config, config.eval_split)
+  return [examples[i] for i in eval_order(config, len(examples))]
+
+
 def build_loss(config: FinetuneConfig) -> step_lib.LossFn:
   """The family's loss; with ``loss_tokens``, unembedded at those only."""
   if config.loss_tokens:
@@ -1161,9 +1167,7 @@ def _train(config: FinetuneConfig, output_dir: pathlib.Path,
         f"x grad_accum_steps = {shards} (mesh {dict(mesh.shape)})")
   tokenizer = build_tokenizer(config)
   train_examples = load_examples(config, config.train_split)
-  eval_examples = load_examples(config, config.eval_split)
-  eval_examples = [eval_examples[i]
-                   for i in eval_order(config, len(eval_examples))]
+  eval_examples = held_out_examples(config)
   long = count_long_targets(config, tokenizer, train_examples)
   if long:
     print(f"{long} of {len(train_examples)} train targets are longer than "
