@@ -133,6 +133,57 @@ def lora_pro_equivalent_gradient(a: jax.Array, b: jax.Array, ga: jax.Array,
   return scale * (_mm(ga, b.T, p) + _mm(a, gb.T, p))
 
 
+def _efficient_coefficients(grams: jax.Array, inv_s2: jax.Array,
+                            jitter: jax.Array) -> jax.Array:
+  """ALGORITHMS.md 3b.1-3b.2 in ``r x r`` matrices, for one adapter.
+
+  ``grams`` stacks ``A.T A``, ``B.T B``, ``G_A.T A`` and ``B.T G_B``
+  (``(4, r, r)``). Returns, stacked, ``K_A``, ``L_A``, ``K_B``, ``L_B`` with
+  ``gA = G_A K_A + A L_A`` and ``gB = G_B K_B + B L_B``: 3b.2 with the
+  projection ``I - B inv(SB) B.T`` multiplied out, so that each adjusted
+  gradient is two products with a factor-sized operand, added where Adam's
+  moments are updated (no factor-sized intermediate of its own).
+  """
+  gram_a, gram_b, ga_t_a, bt_gb = grams
+  eye = jnp.eye(gram_a.shape[-1], dtype=gram_a.dtype)
+  sa, sb = gram_a + jitter * eye, gram_b + jitter * eye
+  sa_inv, sb_inv = jnp.linalg.inv(sa), jnp.linalg.inv(sb)
+  # 3b.1: Sylvester equation for the free r x r component.
+  x = linalg.solve_sylvester_sym(sb, sa, -inv_s2 * _mm(sb_inv, ga_t_a))
+  # 3b.2: gA = (1/s^2) G_A inv(SB) + A X.T, and
+  # gB = (1/s^2) (G_B - B inv(SB) B.T G_B) inv(SA) - B X.
+  k_b = inv_s2 * sa_inv
+  l_b = -(_mm(_mm(sb_inv, bt_gb), k_b) + x)
+  return jnp.stack([inv_s2 * sb_inv, x.T, k_b, l_b])
+
+
+def _efficient_adjusted(inputs_factors, grads, rank_first, groups, scale,
+                        jitter, p: linalg.MatmulPrecision):
+  """3b.1-3b.2 for every pair: per pair the two products of ``gA`` and of
+  ``gB`` (``(G_A K_A, A L_A)``, ``(G_B K_B, B L_B)``), whose sums are the
+  adjusted gradients. The ``r x r`` work of alike pairs is one batch."""
+  grams = []
+  for (a, b), (g_a, g_b), (rf_a, rf_b) in zip(inputs_factors, grads,
+                                              rank_first):
+    grams.append(jnp.stack([
+        pairs_lib.factor_gram(a, a, rf_a, p.gram),
+        pairs_lib.factor_gram(b, b, rf_b, p.gram),
+        pairs_lib.factor_gram(g_a, a, rf_a, p.gram),
+        pairs_lib.factor_gram(b, g_b, rf_b, p.gram)], axis=1))
+
+  def coefficients(g):
+    inv_s2 = 1.0 / jnp.square(jnp.asarray(scale, g.dtype))
+    return jax.vmap(_efficient_coefficients, in_axes=(0, None, None))(
+        g, inv_s2, jnp.asarray(jitter, g.dtype))
+
+  coeffs = pairs_lib.batched(groups, coefficients, grams, sides=False)
+  times = lambda x, k, rf: pairs_lib.factor_times(x, k, rf, p.product)
+  return [((times(g_a, c[:, 0], rf_a), times(a, c[:, 1], rf_a)),
+           (times(g_b, c[:, 2], rf_b), times(b, c[:, 3], rf_b)))
+          for (a, b), (g_a, g_b), (rf_a, rf_b), c in zip(
+              inputs_factors, grads, rank_first, coeffs)]
+
+
 def lora_pro_efficient_adjusted_grads(
     a: jax.Array,
     b: jax.Array,
@@ -153,20 +204,15 @@ def lora_pro_efficient_adjusted_grads(
   Cost: ``O((m + n) r^2 + r^3)`` flops; nothing of size ``m x n``.
   """
   p = linalg.matmul_precision(precision)
-  inv_s2 = 1.0 / jnp.square(scale)
-  eye = jnp.eye(a.shape[1], dtype=a.dtype)
-  gram_a, gram_b = _mm(a.T, a, p.gram), _mm(b.T, b, p.gram)
-  sa_inv = jnp.linalg.inv(gram_a + jitter * eye)
-  sb_inv = jnp.linalg.inv(gram_b + jitter * eye)
-  # 3b.1: Sylvester equation for the free r x r component.
-  x = linalg.solve_sylvester_sym(
-      gram_b + jitter * eye, gram_a + jitter * eye,
-      -inv_s2 * _mm(sb_inv, _mm(grad_a.T, a, p.gram)))
-  # 3b.2
-  ga = inv_s2 * _mm(grad_a, sb_inv, p.product) + _mm(a, x.T, p.product)
-  gb = (inv_s2 * _mm(_project_out(b, sb_inv, grad_b, p), sa_inv, p.product)
-        - _mm(b, x, p.product))
-  return ga, gb
+  dtype = pairs_lib.compute_dtype(a.dtype, b.dtype)
+  a, b, grad_a, grad_b = (x.astype(dtype) for x in (a, b, grad_a, grad_b))
+  grams = jnp.stack([
+      _mm(a.T, a, p.gram), _mm(b.T, b, p.gram), _mm(grad_a.T, a, p.gram),
+      _mm(b.T, grad_b, p.gram)])
+  k = _efficient_coefficients(grams, 1.0 / jnp.square(jnp.asarray(
+      scale, dtype)), jnp.asarray(jitter, dtype))
+  return (_mm(grad_a, k[0], p.product) + _mm(a, k[1], p.product),
+          _mm(grad_b, k[2], p.product) + _mm(b, k[3], p.product))
 
 
 def _adam_moments(g, mu, nu, count, b1, b2, eps):
@@ -210,16 +256,6 @@ def _full_space_step(a, b, grad_a, grad_b, mu, nu, count, scale, b1, b2, eps,
              - _mm(b, x, p.product))
   return (jnp.where(first_step, first_a, later_a),
           jnp.where(first_step, first_b, later_b), mu, nu)
-
-
-def _efficient_step(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b, count, scale,
-                    b1, b2, eps, jitter, p: linalg.MatmulPrecision):
-  """ALGORITHMS.md 3b.1-3b.3 on one canonical pair."""
-  ga, gb = lora_pro_efficient_adjusted_grads(a, b, grad_a, grad_b, scale,
-                                             jitter, p)
-  d_a, mu_a, nu_a = _adam_moments(ga, mu_a, nu_a, count, b1, b2, eps)  # 3b.3
-  d_b, mu_b, nu_b = _adam_moments(gb, mu_b, nu_b, count, b1, b2, eps)
-  return d_a, d_b, mu_a, mu_b, nu_a, nu_b
 
 
 def scale_by_lora_pro(
@@ -308,7 +344,7 @@ def scale_by_lora_pro(
 
   def update_fn(updates, state, params=None):
     inputs = pairs_lib.pair_inputs("scale_by_lora_pro", updates, params,
-                                   pair_spec)
+                                   pair_spec, native=mode == "efficient")
     found, factors, grads, dtypes = (inputs.found, inputs.factors,
                                      inputs.grads, inputs.dtypes)
 
@@ -332,18 +368,18 @@ def scale_by_lora_pro(
     else:
       mus = inputs.split(state.mu, "state.mu")
       nus = inputs.split(state.nu, "state.nu")
-      step = jax.vmap(functools.partial(_efficient_step, p=matmul),
-                      in_axes=(0,) * 8 + (None,) * 6)
+      products = _efficient_adjusted(factors, grads, inputs.rank_first,
+                                     inputs.groups(), scale, jitter, matmul)
       directions, new_mu, new_nu = [], [], []
-      for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b), d in zip(
-          factors, grads, mus, nus, dtypes):
-        d_a, d_b, mu_a, mu_b, nu_a, nu_b = step(
-            a, b, ga, gb, mu_a, mu_b, nu_a, nu_b, state.count,
-            jnp.asarray(scale, d), jnp.asarray(b1, d), jnp.asarray(b2, d),
-            jnp.asarray(eps, d), jnp.asarray(jitter, d))
-        directions.append((d_a, d_b))
-        new_mu.append((mu_a, mu_b))
-        new_nu.append((nu_a, nu_b))
+      for pair_products, pair_mu, pair_nu, d in zip(products, mus, nus,
+                                                    dtypes):
+        # 3b.3: Adam on gA = G_A K_A + A L_A (the sum fuses into the moments).
+        sides = [_adam_moments(x + y, mu, nu, state.count, jnp.asarray(b1, d),
+                               jnp.asarray(b2, d), jnp.asarray(eps, d))
+                 for (x, y), mu, nu in zip(pair_products, pair_mu, pair_nu)]
+        directions.append(tuple(side[0] for side in sides))
+        new_mu.append(tuple(side[1] for side in sides))
+        new_nu.append(tuple(side[2] for side in sides))
       mu_tree = inputs.merge(state.mu, new_mu)
       nu_tree = inputs.merge(state.nu, new_nu)
 

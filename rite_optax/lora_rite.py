@@ -90,27 +90,8 @@ def bias_corrected_decay(beta: jax.Array, t: jax.Array) -> jax.Array:
   return beta * (1 - beta**t) / (1 - beta**(t + 1))
 
 
-# ----------------------------------------------- products with the factors
-# A factor-sized array is (nb, rows, r), or (nb, r, rows) when rank_first
-# (pairs.LoraPairs.split(..., native=True)): its layout in memory either way.
-
-
-def _gram(x: jax.Array, y: jax.Array, rank_first: bool,
-          precision: jax.lax.Precision) -> jax.Array:
-  """``x.T y`` of two factor-sized arrays, ``(nb, r, r)``: sharded along
-  rows, a local product and an ``r x r`` all-reduce."""
-  # einsum, not swapaxes + matmul: XLA folds the layouts into the dot instead
-  # of first copying a transposed factor.
-  return jnp.einsum("bik,bjk->bij" if rank_first else "bki,bkj->bij", x, y,
-                    precision=precision)
-
-
-def _times(x: jax.Array, m: jax.Array, rank_first: bool,
-           precision: jax.lax.Precision) -> jax.Array:
-  """``x @ m`` for a factor-sized ``x`` and ``m (nb, r, s)``, row-local."""
-  m = m.astype(x.dtype)
-  return jnp.einsum("bik,bij->bjk" if rank_first else "bki,bij->bkj", x, m,
-                    precision=precision)
+_gram = pairs_lib.factor_gram
+_times = pairs_lib.factor_times
 
 
 def _nan_to_zero(x: jax.Array) -> jax.Array:
@@ -216,48 +197,6 @@ def _partner(x: jax.Array) -> jax.Array:
   return jnp.flip(x, axis=1)
 
 
-class _Group(NamedTuple):
-  """Alike pairs (same rank and dtype): their ``r x r`` matrices are one
-  ``(N, 2, ...)`` batch."""
-
-  pairs: tuple[int, ...]  # indices into LoraPairs.pairs
-  sizes: tuple[int, ...]  # num_batch of each pair
-  offsets: tuple[jax.Array, ...]  # where each pair starts in the batch
-
-  def stack(self, per_pair):
-    """Per-pair ``(a, b)`` of ``(nb, ...)`` arrays -> one ``(N, 2, ...)``."""
-    parts = [jnp.stack(jnp.broadcast_arrays(*per_pair[i]), axis=1)
-             for i in self.pairs]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-  def unstack(self, batch, out):
-    """Inverse of :meth:`stack`, written into ``out`` (a per-pair list)."""
-    for i, size, offset in zip(self.pairs, self.sizes, self.offsets):
-      part = jax.lax.dynamic_slice_in_dim(batch, offset, size)
-      out[i] = (part[:, 0], part[:, 1])
-    return out
-
-
-def _alike_groups(found: pairs_lib.LoraPairs, sizes, dtypes) -> list[_Group]:
-  """The pairs grouped by rank and compute dtype.
-
-  The offsets are runtime values (behind an optimization barrier): with
-  literal offsets every pair's slices would be distinct XLA kernels, and a
-  tree of a hundred adapters would spend most of its compile time on them.
-  """
-  members: dict[Any, list[int]] = {}
-  for i, (pair, dtype) in enumerate(zip(found.pairs, dtypes)):
-    members.setdefault((pair.a.rank, dtype), []).append(i)
-  starts = [np.cumsum([0] + [sizes[i] for i in group])[:-1]
-            for group in members.values()]
-  values = sorted({int(v) for start in starts for v in start})
-  runtime = dict(zip(values, jax.lax.optimization_barrier(
-      tuple(jnp.asarray(v, jnp.int32) for v in values))))
-  return [_Group(tuple(group), tuple(sizes[i] for i in group),
-                 tuple(runtime[int(v)] for v in start))
-          for group, start in zip(members.values(), starts)]
-
-
 # ------------------------------------------- the phases of one update (1.x)
 
 
@@ -289,7 +228,7 @@ class _Factors:
     return [None] * len(self.rank_first)
 
 
-def _orthonormalize(f: _Factors, groups: list[_Group], x, basis, *,
+def _orthonormalize(f: _Factors, groups: list[pairs_lib.AlikeGroup], x, basis, *,
                     rank_revealing: bool):
   """1.2: the thin QR of every factor from Gram matrices, and 1.6's basis
   change ``C = U.T basis_old``.
@@ -349,7 +288,7 @@ def _skip_and_clip(second_raw, rows, *,
   return keep, clip
 
 
-def _precondition_all(f: _Factors, groups: list[_Group], second, second_raw,
+def _precondition_all(f: _Factors, groups: list[pairs_lib.AlikeGroup], second, second_raw,
                       keep, clip, rows, eig_old, rho, count, *, b1, b2, eps,
                       escape: bool, rank_revealing: bool):
   """1.6-1.9, and the ``r x r`` parts of 1.10 and 1.12, for every factor
@@ -612,7 +551,7 @@ def scale_by_lora_rite(
     x = inputs.factors
     mu = inputs.split(state.mu, "state.mu")
     basis = inputs.split(state.basis, "state.basis")
-    groups = _alike_groups(found, [a.shape[0] for a, _ in x], inputs.dtypes)
+    groups = inputs.groups()
 
     u1, r_pinv, second = _orthonormalize(f, groups, x, basis,
                                          rank_revealing=rank_revealing)

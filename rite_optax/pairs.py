@@ -48,10 +48,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Hashable, Literal, Optional, Sequence
+from typing import Any, Callable, Hashable, Literal, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Side = Literal["in", "out"]
 KeyPath = tuple[Any, ...]
@@ -402,6 +403,18 @@ class PairInputs:
   out_dtypes: list[Any]
   native: bool = False
 
+  @property
+  def rank_first(self) -> list[tuple[bool, bool]]:
+    """Per pair, whether each factor came as ``(nb, r, rows)`` (native
+    layout of a :attr:`FactorLayout.rank_first` factor)."""
+    return [(self.native and p.a.rank_first, self.native and p.b.rank_first)
+            for p in self.found.pairs]
+
+  def groups(self) -> list["AlikeGroup"]:
+    """The pairs grouped for batched ``r x r`` work (:func:`alike_groups`)."""
+    return alike_groups(self.found, [a.shape[0] for a, _ in self.factors],
+                        self.dtypes)
+
   def split(self, tree: Any, what: str) -> list[tuple[jax.Array, jax.Array]]:
     """A factor-shaped tree of the state (moments), split as the factors."""
     return self.found.split(tree, what, native=self.native)
@@ -438,6 +451,109 @@ def pair_inputs(name: str, updates: Any, params: Any,
            zip(found.split(updates, "gradient", native=native), dtypes)]
   return PairInputs(found, factors, grads, dtypes,
                     [leaf.dtype for leaf in leaves], native)
+
+
+# ----------------------------------- products with factors in either layout
+# A factor-sized array is (nb, rows, r), or (nb, r, rows) when rank_first
+# (LoraPairs.split(..., native=True)): its layout in memory either way. Every
+# optimizer's factor-sized work is one of these two products, so that none
+# transposes a factor in memory.
+
+
+def factor_gram(x: jax.Array, y: jax.Array, rank_first: bool,
+                precision: Optional[jax.lax.Precision] = None) -> jax.Array:
+  """``x.T y`` of two factor-sized arrays, ``(nb, r, r)``: sharded along
+  rows, a local product and an ``r x r`` all-reduce."""
+  # einsum, not swapaxes + matmul: XLA folds the layouts into the dot instead
+  # of first copying a transposed factor.
+  return jnp.einsum("bik,bjk->bij" if rank_first else "bki,bkj->bij", x, y,
+                    precision=precision)
+
+
+def factor_times(x: jax.Array, m: jax.Array, rank_first: bool,
+                 precision: Optional[jax.lax.Precision] = None) -> jax.Array:
+  """``x @ m`` for a factor-sized ``x`` and ``m (nb, r, s)``, row-local."""
+  m = m.astype(x.dtype)
+  return jnp.einsum("bik,bij->bjk" if rank_first else "bki,bij->bkj", x, m,
+                    precision=precision)
+
+
+# ------------------------------------------ batching the r x r work of a tree
+
+
+class AlikeGroup(NamedTuple):
+  """Alike pairs (same rank and compute dtype): their ``r x r`` matrices are
+  one batch, so that a tree of a hundred adapters makes one ``eigh`` or
+  Cholesky call per kind of pair rather than one per adapter."""
+
+  pairs: tuple[int, ...]  # indices into LoraPairs.pairs
+  sizes: tuple[int, ...]  # num_batch of each pair
+  offsets: tuple[jax.Array, ...]  # where each pair starts in the batch
+
+  def stack(self, per_pair: Sequence[Any]) -> jax.Array:
+    """Per pair ``(a, b)`` of ``(nb, ...)`` arrays -> one ``(N, 2, ...)``
+    (side 0 the A factor, 1 the B); per pair one ``(nb, ...)`` array ->
+    ``(N, ...)``."""
+    parts = [jnp.stack(jnp.broadcast_arrays(*per_pair[i]), axis=1)
+             if isinstance(per_pair[i], tuple) else per_pair[i]
+             for i in self.pairs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  def unstack(self, batch: jax.Array, out: list[Any],
+              sides: bool = True) -> list[Any]:
+    """Inverse of :meth:`stack`, written into ``out`` (a per-pair list);
+    ``sides=False`` for a batch stacked from one array per pair."""
+    for i, size, offset in zip(self.pairs, self.sizes, self.offsets):
+      part = jax.lax.dynamic_slice_in_dim(batch, offset, size)
+      out[i] = (part[:, 0], part[:, 1]) if sides else part
+    return out
+
+
+def alike_groups(found: LoraPairs, sizes: Sequence[int],
+                 dtypes: Sequence[Any]) -> list[AlikeGroup]:
+  """The pairs grouped by rank and compute dtype (``sizes``: each pair's
+  ``num_batch``).
+
+  The offsets are runtime values (behind an optimization barrier): with
+  literal offsets every pair's slices would be distinct XLA kernels, and a
+  tree of a hundred adapters would spend most of its compile time on them.
+  """
+  members: dict[Any, list[int]] = {}
+  for i, (pair, dtype) in enumerate(zip(found.pairs, dtypes)):
+    members.setdefault((pair.a.rank, jnp.dtype(dtype)), []).append(i)
+  starts = [np.cumsum([0] + [sizes[i] for i in group])[:-1]
+            for group in members.values()]
+  values = sorted({int(v) for start in starts for v in start})
+  runtime = dict(zip(values, jax.lax.optimization_barrier(
+      tuple(jnp.asarray(v, jnp.int32) for v in values))))
+  return [AlikeGroup(tuple(group), tuple(sizes[i] for i in group),
+                     tuple(runtime[int(v)] for v in start))
+          for group, start in zip(members.values(), starts)]
+
+
+def batched(groups: Sequence[AlikeGroup], fn: Callable[..., Any],
+            *per_pair: Sequence[Any], sides: bool = True,
+            out_sides: Optional[bool] = None) -> Any:
+  """``fn`` on the stacked batch of every group, unstacked per pair.
+
+  ``per_pair`` are per-pair lists (of ``(a, b)`` tuples, or of arrays with
+  ``sides=False``); ``fn`` takes the stacked batches and returns one array
+  or a tuple of arrays, each unstacked into a per-pair list (of ``(a, b)``
+  unless ``out_sides`` is False; it defaults to ``sides``).
+  """
+  out_sides = sides if out_sides is None else out_sides
+  outs = None
+  for group in groups:
+    result = fn(*(group.stack(values) for values in per_pair))
+    single = not isinstance(result, tuple)
+    result = (result,) if single else result
+    if outs is None:
+      outs = [[None] * len(per_pair[0]) for _ in result]
+    for batch, out in zip(result, outs):
+      group.unstack(batch, out, out_sides)
+  if outs is None:
+    return []
+  return outs[0] if single else tuple(outs)
 
 
 def find_pairs(tree: Any, spec: Optional[SpecFn] = None,

@@ -14,7 +14,6 @@ section 2; comments cite it.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -25,34 +24,59 @@ from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
 
-def _scale_by_other_gram(grad: jax.Array, other: jax.Array, reg: jax.Array,
-                         precision: linalg.PrecisionLike = None) -> jax.Array:
-  """``grad @ inv(other.T @ other + reg I)`` for ``grad (rows, r)``, ``other (rows', r)``.
+def _spd_inverse(gram: jax.Array, reg: jax.Array) -> jax.Array:
+  """``inv(gram + reg I)`` of a batch ``(..., r, r)`` of Gram matrices.
 
-  The Gram matrix is symmetric positive definite (for ``reg > 0``, or a
-  full-rank ``other``): its ``r x r`` inverse comes from a Cholesky
-  factorisation, and the factor-sized work is one product with it. A
-  triangular solve against every row of ``grad`` gives the same numbers up
-  to rounding (float64 invariance gap 9.4e-11 there, 1.9e-10 here), but XLA
-  cannot split a solve over rows: with factors sharded along their rows it gathers them,
-  where the product stays row-local (the Gram matrix is a sharded matmul and
-  an ``r x r`` all-reduce).
+  The matrix is symmetric positive definite (for ``reg > 0``, or a
+  full-rank factor): its inverse comes from a Cholesky factorisation, and the
+  factor-sized work is one product with it. A triangular solve against every
+  row of the gradient gives the same numbers up to rounding (float64
+  invariance gap 9.4e-11 there, 1.9e-10 here), but XLA cannot split a solve
+  over rows: with factors sharded along their rows it gathers them, where
+  the product stays row-local (the Gram matrix is a sharded matmul and an
+  ``r x r`` all-reduce).
   """
-  p = linalg.matmul_precision(precision)
-  gram = linalg.matmul(other.T, other, p.gram)
-  eye = jnp.eye(other.shape[-1], dtype=other.dtype)
+  eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype),
+                         gram.shape)
   cholesky = jax.scipy.linalg.cho_factor(gram + reg * eye, lower=True)
-  inverse = linalg.sym(jax.scipy.linalg.cho_solve(cholesky, eye))
-  return linalg.matmul(grad, inverse, p.product)
+  return linalg.sym(jax.scipy.linalg.cho_solve(cholesky, eye))
 
 
-def _scaled_grads(a, b, grad_a, grad_b, reg, precision=None):
-  """ALGORITHMS.md 2 on one canonical pair ``a (m, r)``, ``b (n, r)``.
+def _preconditioners(inputs: pairs_lib.PairInputs, factors, groups, reg,
+                     precision: linalg.MatmulPrecision):
+  """ALGORITHMS.md 2: per pair ``(inv(B.T B + reg I), inv(A.T A + reg I))``,
+  the ``r x r`` matrices that multiply ``G_A`` and ``G_B``.
 
-  Both preconditioners come from the current, pre-update factors.
+  The Gram matrices are per-factor products in the factor's own layout; the
+  inverses of every alike pair of the tree are one batched Cholesky.
   """
-  return (_scale_by_other_gram(grad_a, b, reg, precision),
-          _scale_by_other_gram(grad_b, a, reg, precision))
+  grams = [tuple(pairs_lib.factor_gram(x, x, rf, precision.gram)
+                 for x, rf in zip(pair, rank_first))
+           for pair, rank_first in zip(factors, inputs.rank_first)]
+  inverses = pairs_lib.batched(
+      groups, lambda g: _spd_inverse(g, jnp.asarray(reg, g.dtype)), grams)
+  return [(inv_b, inv_a) for inv_a, inv_b in inverses]
+
+
+def _one_side_inverses(inputs, factors, groups, reg, precision, side: int):
+  """``inv(X.T X + reg I)`` of one side's factor of every pair."""
+  grams = [pairs_lib.factor_gram(pair[side], pair[side], rf[side],
+                                 precision.gram)
+           for pair, rf in zip(factors, inputs.rank_first)]
+  return pairs_lib.batched(
+      groups, lambda g: _spd_inverse(g, jnp.asarray(reg, g.dtype)), grams,
+      sides=False)
+
+
+def _precondition(inputs: pairs_lib.PairInputs, grads, preconditioners,
+                  precision: linalg.MatmulPrecision):
+  """``(G_A inv(B.T B + reg I), G_B inv(A.T A + reg I))`` per pair (``None``
+  for a side whose preconditioner is ``None``)."""
+  return [tuple(None if k is None else
+                pairs_lib.factor_times(g, k, rf, precision.product)
+                for g, k, rf in zip(pair_grads, pair_k, rank_first))
+          for pair_grads, pair_k, rank_first in zip(
+              grads, preconditioners, inputs.rank_first)]
 
 
 def scale_by_riemannian_preconditioner(
@@ -88,7 +112,7 @@ def scale_by_riemannian_preconditioner(
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops (two Gram matrices, two
   ``r x r`` Cholesky factorisations and solves). No state.
   """
-  linalg.matmul_precision(precision)  # refuse a bad value now
+  matmul = linalg.matmul_precision(precision)  # refuses a bad value now
 
   def init_fn(params):
     pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
@@ -96,12 +120,11 @@ def scale_by_riemannian_preconditioner(
 
   def update_fn(updates, state, params=None):
     inputs = pairs_lib.pair_inputs("scale_by_riemannian_preconditioner",
-                                   updates, params, pair_spec)
-    # ALGORITHMS.md 2, per pair and stacked layer.
-    scale = jax.vmap(functools.partial(_scaled_grads, precision=precision),
-                     in_axes=(0, 0, 0, 0, None))
-    scaled = [scale(a, b, ga, gb, jnp.asarray(reg, d)) for (a, b), (ga, gb), d
-              in zip(inputs.factors, inputs.grads, inputs.dtypes)]
+                                   updates, params, pair_spec, native=True)
+    # ALGORITHMS.md 2, every pair and stacked layer.
+    preconditioners = _preconditioners(inputs, inputs.factors,
+                                       inputs.groups(), reg, matmul)
+    scaled = _precondition(inputs, inputs.grads, preconditioners, matmul)
     return inputs.merge(updates, scaled, updates=True), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -145,26 +168,6 @@ def _adam_direction(scaled_grad, mu, nu, count_inc, b1, b2, eps,
   else:  # the reference's default: no bias correction
     mu_hat, nu_hat = mu, nu
   return mu_hat / (jnp.sqrt(nu_hat) + eps), mu, nu
-
-
-def _riemannian_adam_pair(a, b, grad_a, grad_b, mu_a, mu_b, nu_a, nu_b,
-                          count_inc, b1, b2, eps, reg, learning_rate,
-                          weight_decay, correct_bias: bool, sequential: bool,
-                          precision=None):
-  """ALGORITHMS.md 2, scaled AdamW, on one canonical pair (before ``-lr``)."""
-  d_a, mu_a, nu_a = _adam_direction(_scale_by_other_gram(grad_a, b, reg,
-                                                         precision),
-                                    mu_a, nu_a, count_inc, b1, b2, eps,
-                                    correct_bias)
-  if sequential:
-    # The authors' order: B's preconditioner sees A after A's full step
-    # (weight decay included); G_B stays the gradient at the start.
-    a = a - learning_rate * (d_a + weight_decay * a)
-  d_b, mu_b, nu_b = _adam_direction(_scale_by_other_gram(grad_b, a, reg,
-                                                         precision),
-                                    mu_b, nu_b, count_inc, b1, b2, eps,
-                                    correct_bias)
-  return (d_a, d_b), (mu_a, mu_b), (nu_a, nu_b)
 
 
 def scale_by_riemannian_adam(
@@ -228,7 +231,7 @@ def scale_by_riemannian_adam(
   if sequential and learning_rate is None:
     raise ValueError("scale_by_riemannian_adam(sequential=True) needs the "
                      "learning_rate of the step to build B's preconditioner")
-  linalg.matmul_precision(precision)  # refuse a bad value now
+  matmul = linalg.matmul_precision(precision)  # refuses a bad value now
 
   def init_fn(params):
     pairs_lib.find_pairs(params, pair_spec)  # fail early on a bad tree
@@ -240,7 +243,8 @@ def scale_by_riemannian_adam(
 
   def update_fn(updates, state, params=None):
     inputs = pairs_lib.pair_inputs("scale_by_riemannian_adam", updates,
-                                   params, pair_spec)
+                                   params, pair_spec, native=True)
+    groups = inputs.groups()
     mus = inputs.split(state.mu, "state.mu")
     nus = inputs.split(state.nu, "state.nu")
     count_inc = optax.safe_increment(state.count)
@@ -251,19 +255,31 @@ def scale_by_riemannian_adam(
     else:
       step_size = learning_rate
 
-    pair_update = jax.vmap(functools.partial(_riemannian_adam_pair,
-                                             precision=precision),
-                           in_axes=(0,) * 8 + (None,) * 9)
-    directions, new_mu, new_nu = [], [], []
-    for (a, b), (ga, gb), (mu_a, mu_b), (nu_a, nu_b), dtype in zip(
-        inputs.factors, inputs.grads, mus, nus, inputs.dtypes):
-      hyper = [jnp.asarray(x, dtype)
-               for x in (b1, b2, eps, reg, step_size, weight_decay)]
-      d, mu, nu = pair_update(a, b, ga, gb, mu_a, mu_b, nu_a, nu_b, count_inc,
-                              *hyper, correct_bias, sequential)
-      directions.append(d)
-      new_mu.append(mu)
-      new_nu.append(nu)
+    def adam(scaled, mu, nu, dtype):
+      hyper = (jnp.asarray(x, dtype) for x in (b1, b2, eps))
+      return _adam_direction(scaled, mu, nu, count_inc, *hyper, correct_bias)
+
+    # ALGORITHMS.md 2: both preconditioners from the current factors.
+    preconditioners = _preconditioners(inputs, inputs.factors, groups, reg,
+                                       matmul)
+    scaled = _precondition(inputs, inputs.grads, preconditioners, matmul)
+    side_a = [adam(s_a, mu_a, nu_a, d) for (s_a, _), (mu_a, _), (nu_a, _), d
+              in zip(scaled, mus, nus, inputs.dtypes)]
+    if sequential:
+      # The authors' order: B's preconditioner sees A after A's full step
+      # (weight decay included); G_B stays the gradient at the start.
+      stepped = [(a - jnp.asarray(step_size, d)
+                  * (d_a + jnp.asarray(weight_decay, d) * a), b)
+                 for (a, b), (d_a, _, _), d in zip(inputs.factors, side_a,
+                                                   inputs.dtypes)]
+      inverses = _one_side_inverses(inputs, stepped, groups, reg, matmul, 0)
+      scaled = _precondition(inputs, inputs.grads,
+                             [(None, k) for k in inverses], matmul)
+    side_b = [adam(s_b, mu_b, nu_b, d) for (_, s_b), (_, mu_b), (_, nu_b), d
+              in zip(scaled, mus, nus, inputs.dtypes)]
+    directions = [(a[0], b[0]) for a, b in zip(side_a, side_b)]
+    new_mu = [(a[1], b[1]) for a, b in zip(side_a, side_b)]
+    new_nu = [(a[2], b[2]) for a, b in zip(side_a, side_b)]
 
     new_state = optax.ScaleByAdamState(
         count=count_inc,

@@ -87,6 +87,9 @@ CASES = {
     "scaled_adamw": lambda: rite_optax.scaled_adamw(1e-2),
     "scaled_adamw_sequential": lambda: rite_optax.scaled_adamw(
         1e-2, sequential=True),
+    # LoRA-Pro's efficient mode: its Gram and cross products too.
+    "lora_pro_efficient": lambda: rite_optax.lora_pro(
+        1e-2, scale=2.0, mode="efficient"),
 }
 
 
