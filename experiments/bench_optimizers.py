@@ -12,6 +12,12 @@ under ``params['layers'][i]['attn' | 'mlp'][name]``; float32), for each rank:
   full mode keeps ``(m, n)`` moments per adapter, Shampoo ``256 x 256``
   blocks), or whose update would take over ``--max-step-seconds``, is timed
   against Adam on the first layers only, and says so.
+* bytes accessed and flops of the compiled update (XLA's ``cost_analysis``:
+  machine-independent, what decides a memory-bound TPU / GPU update) and its
+  compile seconds, each over Adam's on the same tree. Shampoo, whose inverse
+  roots are recomputed every ``--shampoo-every`` steps, is timed over whole
+  cycles of that many steps: the amortised step, the step that recomputes
+  the roots and the statistics-only step, each over Adam's.
 * state bytes of ``tx.init`` (from ``jax.eval_shape``: nothing is allocated).
 * collectives: the update compiled with every factor split along its long
   axis (rows of ``lora_a``, columns of ``lora_b``) over 8 devices, the state
@@ -30,6 +36,9 @@ Everything runs with one LAPACK / BLAS thread
 (:func:`rite_optax.linalg.limit_lapack_threads`; ``--lapack-threads 0`` leaves
 LAPACK's own default): the batched ``eigh`` of small matrices gains nothing
 from threads, and on a small CPU they compete with XLA's for the cores.
+
+Then every target of the performance issue (:data:`TARGETS`) is printed
+with its measured value and whether it is met; ``bench.md`` has the table.
 
 Writes ``bench.json`` and ``bench.md`` to ``--out`` (default
 ``docs/results/bench``). Usage::

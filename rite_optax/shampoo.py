@@ -364,7 +364,10 @@ def scale_by_shampoo(
     dtype = pairs_lib.compute_dtype(param.dtype)
     left = jnp.zeros((lay.num_blocks, lay.row_block, lay.row_block), dtype)
     right = jnp.zeros((lay.num_blocks, lay.col_block, lay.col_block), dtype)
-    return ShampooStatistics(left, right, left, right)
+    # The roots get arrays of their own: a state holding one buffer twice
+    # cannot be donated to a jitted update (jax refuses it).
+    return ShampooStatistics(left, right, jnp.zeros_like(left),
+                             jnp.zeros_like(right))
 
   def init_fn(params):
     def zeros(p):
