@@ -191,6 +191,21 @@ def cached_run(settings: Gemma3Settings, key: RunKey) -> Optional[dict]:
   return _read(settings.results_dir / "runs" / f"{key.name}.json")
 
 
+def _fit(config: finetune.FinetuneConfig, log: Callable[[str], None]
+         ) -> tuple[dict[str, list], Optional[str]]:
+  """One run of :func:`finetune.fit` (resumed if checkpointed): its history
+  and, if it diverged, why; its final factors saved beside it."""
+  try:
+    result = finetune.fit(config)
+  except step_lib.NonFiniteStepsError as e:
+    return _read_history(pathlib.Path(config.output_dir)), str(e)
+  if result.preempted:  # checkpointed: the next invocation resumes it
+    log("  preempted at a checkpoint; rerun the command to resume")
+    raise SystemExit(int(finetune.ExitCode.PREEMPTED))
+  _save_params(pathlib.Path(config.output_dir), result.state.params)
+  return result.history, None
+
+
 def train_run(settings: Gemma3Settings, key: RunKey,
               log: Callable[[str], None]) -> dict[str, Any]:
   """The cached result of ``key``, running (or resuming) it if missing."""
@@ -200,17 +215,7 @@ def train_run(settings: Gemma3Settings, key: RunKey,
   config = run_config(settings, key)
   log(f"run {key.name}")
   began, load = time.perf_counter(), _load_average()
-  diverged = None
-  try:
-    result = finetune.fit(config)
-    if result.preempted:  # checkpointed: the next invocation resumes it
-      log("  preempted at a checkpoint; rerun the command to resume")
-      raise SystemExit(int(finetune.ExitCode.PREEMPTED))
-    history = result.history
-    _save_params(pathlib.Path(config.output_dir), result.state.params)
-  except step_lib.NonFiniteStepsError as e:
-    diverged = str(e)
-    history = _read_history(pathlib.Path(config.output_dir))
+  history, diverged = _fit(config, log)
   evals = [[s, v] for s, v in history.get("eval/loss", [])]
   final = evals[-1][1] if evals and evals[-1][0] == config.steps else None
   out = {
@@ -226,6 +231,37 @@ def train_run(settings: Gemma3Settings, key: RunKey,
   _write(settings.results_dir / "runs" / f"{key.name}.json", out)
   log(f"  final held-out loss {out['final_eval_loss']} in {out['wall_s']:.0f}s")
   return out
+
+
+def final_params_path(settings: Gemma3Settings, key: RunKey,
+                      log: Callable[[str], None]) -> pathlib.Path:
+  """Where run ``key``'s final factors are, training it again if they are
+  not: the results folder keeps every run's figures, but the factors live
+  in the work folder, which a fresh checkout does not have.
+
+  The repeated run must reproduce the cached held-out loss (the runs are
+  deterministic on one machine); a mismatch stops the comparison rather
+  than scoring factors of another run.
+  """
+  config = run_config(settings, key)
+  path = pathlib.Path(config.output_dir) / _PARAMS
+  if path.exists():
+    return path
+  cached = cached_run(settings, key)
+  log(f"run {key.name} again: its final factors are not in "
+      f"{config.output_dir} (accuracy is scored from them)")
+  history, diverged = _fit(config, log)
+  evals = history.get("eval/loss", [])
+  again = evals[-1][1] if evals else None
+  expected = cached["final_eval_loss"] if cached else None
+  if diverged or again is None or expected is None or not np.isclose(
+      again, expected, rtol=1e-4):
+    raise RuntimeError(
+        f"{key.name}: the repeated run's final held-out loss {again} is not "
+        f"the cached {expected} ({settings.results_dir}/runs/{key.name}.json"
+        f"{'; it diverged: ' + diverged if diverged else ''}); delete the "
+        "cached result to run it afresh")
+  return path
 
 
 _PARAMS = "final_params.npz"
@@ -277,14 +313,15 @@ class Scorer:
                             examples)
     return self._model[where]
 
-  def score(self, key: Optional[RunKey], task: str, rank: int
-            ) -> dict[str, float]:
+  def score(self, key: Optional[RunKey], task: str, rank: int,
+            log: Callable[[str], None] = print) -> dict[str, float]:
     """Accuracy of run ``key``'s final factors; ``key=None``: the base."""
+    if key is not None:  # before the base is loaded: it may train again
+      path = final_params_path(self.settings, key, log)
     config, tokenizer, graphdef, params, frozen, examples = self._setup(
         key or RunKey(task, rank, "adam", 0.0))
     if key is not None:
-      saved = np.load(pathlib.Path(run_config(self.settings, key).output_dir)
-                      / _PARAMS)
+      saved = np.load(path)
       leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
       params = jax.tree.unflatten(jax.tree.structure(params), leaves)
     model = nnx.merge(graphdef, params, frozen)
@@ -299,7 +336,7 @@ def accuracy(settings: Gemma3Settings, scorer: Scorer, key: RunKey,
   cached = _read(path)
   if cached is None:
     began = time.perf_counter()
-    cached = dict(scorer.score(key, key.task, key.rank),
+    cached = dict(scorer.score(key, key.task, key.rank, log),
                   wall_s=round(time.perf_counter() - began, 1))
     _write(path, cached)
     log(f"  accuracy of {key.name}: {cached}")

@@ -91,3 +91,34 @@ def test_a_stopped_comparison_resumes_without_repeating_a_run(tiny):
   assert again == files
   assert {"README.md", "report.json", "loss_curves.png",
           "lr_sensitivity.png", "invariance.png"} <= set(files)
+
+
+def test_a_fresh_checkout_retrains_a_run_whose_factors_are_gone(tiny):
+  """The results folder is committed, the work folder (each run's final
+  factors) is not: a comparison continued from a fresh checkout trains a
+  finished run again to score its accuracy, and checks that it reproduces
+  the cached held-out loss, rather than failing on the missing file (or
+  scoring other factors)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  settings, calls = tiny
+  log = lambda msg: None  # noqa: E731
+  gc.run_protocol(settings, max_runs=1, log=log, on_result=lambda: None)
+  (seed0,) = [p for p in (settings.results_dir / "runs").iterdir()]
+  shutil.rmtree(settings.work_dir)
+  calls.clear()
+  gc.run_protocol(settings, max_runs=None, log=log, on_result=lambda: None)
+  accuracy = settings.results_dir / "accuracy" / seed0.name
+  assert accuracy.exists()
+  first = str(gc.run_config(settings, gc.RunKey(**gc._read(seed0)["key"]))
+              .output_dir)
+  assert calls.count(first) == 1  # trained again, once
+
+  # A cached result that the repeated run does not reproduce is refused.
+  result = gc._read(seed0)
+  key = gc.RunKey(**result["key"])
+  result["final_eval_loss"] += 0.5
+  gc._write(seed0, result)
+  shutil.rmtree(settings.work_dir)
+  with pytest.raises(RuntimeError, match="is not the cached"):
+    gc.final_params_path(settings, key, log)
