@@ -139,6 +139,9 @@ def _compiled_update(tx, params, grads):
                              flops=float(cost.get("flops", np.nan)))
 
 
+WARMUP = 2  # untimed calls before the timed ones
+
+
 def time_against_adam(label: str, shapes: Any, reps: int, cycle: int = 1,
                       hparams: Optional[dict[str, Any]] = None
                       ) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def time_against_adam(label: str, shapes: Any, reps: int, cycle: int = 1,
   for name, tx in (("adam", optax.adam(LEARNING_RATE)),
                    (label, make_optimizer(label, **(hparams or {})))):
     update, state, cost = _compiled_update(tx, params, grads)
-    for _ in range(2):  # warm-up; the second call reuses donated buffers
+    for _ in range(WARMUP):  # the second call reuses donated buffers
       start = time.perf_counter()
       updates, state = update(grads, state, params)
       jax.block_until_ready((updates, state))
@@ -181,13 +184,16 @@ def time_against_adam(label: str, shapes: Any, reps: int, cycle: int = 1,
                 bytes_ratio=mine["bytes"] / adam["bytes"],
                 flops_ratio=mine["flops"] / adam["flops"])
   if cycle > 1:
-    # A cycle of `cycle` steps from count 0: the first recomputes the roots,
-    # the others only update the statistics.
+    # Each repetition is a whole cycle: one step recomputes the roots (the
+    # one at a count divisible by `cycle`, after the warm-up's steps), the
+    # others only update the statistics.
     times = np.asarray(runs[label]["times"]).reshape(reps, cycle)
+    root = -WARMUP % cycle
     result.update(
         amortised_ms=1e3 * float(np.median(times.mean(axis=1))),
-        root_step_ms=1e3 * float(np.median(times[:, 0])),
-        statistics_step_ms=1e3 * float(np.median(times[:, 1:])),
+        root_step_ms=1e3 * float(np.median(times[:, root])),
+        statistics_step_ms=1e3 * float(np.median(
+            np.delete(times, root, axis=1))),
         cycle=cycle)
     for key in ("amortised", "root_step", "statistics_step"):
       result[f"{key}_ratio"] = result[f"{key}_ms"] / adam_ms

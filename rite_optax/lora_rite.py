@@ -131,8 +131,8 @@ def _second_pass(gram_u1, cross, m1, r1, *, factor_rtol):
 
 
 def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
-                  partner_m2, eig_old, rho, t, *, b1, b2, eps, escape: bool,
-                  rank_rtol):
+                  partner_m2, eig_old, rho, t, step, *, b1, b2, eps,
+                  escape: bool, rank_rtol):
   """ALGORITHMS.md 1.6-1.10 and 1.12 for one factor, in ``r x r`` matrices.
 
   ``transport`` is ``C = U'.T basis_old`` of the *other* factor (in whose
@@ -174,11 +174,14 @@ def _precondition(transport, second_raw, scale, rows, partner_r_pinv,
 
   # 1.10 in whitened coordinates: mu = M Q diag(w)^-1/2 with
   # M = bc1 M' + (1 - bc1) nan_to_zero(Gbar Vis), M' = mu_old C.T.
-  k1 = beta1 * linalg.matmul(transport.T, q * whiten)
-  k2 = (1 - beta1) * scale * q * (vis * whiten)
-  k2 = jnp.where(jnp.isfinite(k2), k2, 0.0)
-  # 1.12: D = M (R^+).T of the other factor; its new basis U Q diag(w)^1/2.
-  k3 = root[:, None] * linalg.matmul(q.T, partner_r_pinv.T)
+  # Each K ends in a product (linalg.scale_columns says why).
+  k1 = linalg.matmul(transport.T, q * (beta1 * whiten))
+  k2_scale = (1 - beta1) * scale * vis * whiten
+  k2 = linalg.scale_columns(q, jnp.where(jnp.isfinite(k2_scale), k2_scale,
+                                         0.0))
+  # 1.12: D = M (R^+).T of the other factor (times step, 1.14's
+  # -learning_rate if ours); its new basis U Q diag(w)^1/2.
+  k3 = linalg.matmul((step * root)[:, None] * q.T, partner_r_pinv.T)
   k4 = linalg.matmul(partner_m2, q * root)
   return k1, k2, k3, k4, w, rho
 
@@ -288,12 +291,14 @@ def _skip_and_clip(second_raw, rows, *,
   return keep, clip
 
 
-def _precondition_all(f: _Factors, groups: list[pairs_lib.AlikeGroup], second, second_raw,
-                      keep, clip, rows, eig_old, rho, count, *, b1, b2, eps,
-                      escape: bool, rank_revealing: bool):
+def _precondition_all(f: _Factors, groups: list[pairs_lib.AlikeGroup],
+                      second, second_raw, keep, clip, rows, eig_old, rho,
+                      count, step, *, b1, b2, eps, escape: bool,
+                      rank_revealing: bool):
   """1.6-1.9, and the ``r x r`` parts of 1.10 and 1.12, for every factor
-  (:func:`_precondition`, one batch per group). Returns per factor the
-  matrices ``K1 .. K4``, the eigenvalues of ``V`` and ``rho``."""
+  (:func:`_precondition`, one batch per group; ``step`` multiplies K3).
+  Returns per factor the matrices ``K1 .. K4``, the eigenvalues of ``V`` and
+  ``rho``."""
   k1, k2, k3, k4, eig_new, new_rho = (f.empty() for _ in range(6))
   for group, (m2_g, r_pinv_g, transport_g), raw_g, keep_g, rows_g in zip(
       groups, second, second_raw, keep, rows):
@@ -309,9 +314,10 @@ def _precondition_all(f: _Factors, groups: list[pairs_lib.AlikeGroup], second, s
       rho_g = jnp.zeros(raw_g.shape[:2], dtype)
     scale = jnp.where(keep_g, clip.astype(dtype), 0.0)
     t = jnp.broadcast_to(count.astype(dtype), scale.shape)
+    step_g = jnp.broadcast_to(jnp.asarray(step, dtype), scale.shape)
     k1_g, k2_g, k3_g, k4_g, eig_g, rho_g = precondition(
         _partner(transport_g), raw_g, scale, rows_g.astype(dtype),
-        _partner(r_pinv_g), _partner(m2_g), eig_old_g, rho_g, t)
+        _partner(r_pinv_g), _partner(m2_g), eig_old_g, rho_g, t, step_g)
     for batch, out in ((k1_g, k1), (k2_g, k2), (k3_g, k3), (eig_g, eig_new),
                        (rho_g, new_rho)):
       group.unstack(batch, out)
@@ -320,10 +326,11 @@ def _precondition_all(f: _Factors, groups: list[pairs_lib.AlikeGroup], second, s
   return k1, k2, k3, k4, eig_new, new_rho
 
 
-def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, count, *,
-           update_capping, learning_rate, weight_decay):
-  """1.10-1.14 on the factors: the new first moments, the directions (times
-  ``-learning_rate`` if it is ours) and the new bases."""
+def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, *,
+           update_capping, decay, weight_decay):
+  """1.10-1.14 on the factors: the new first moments, the directions (K3
+  carries 1.14's ``-learning_rate`` if it is ours, and ``decay`` is then
+  ``-learning_rate * weight_decay``) and the new bases."""
   # 1.10: mu' = mu K1 + nan_to_zero(Gbar K2).
   new_mu = f.map(
       lambda rf, m, ka, g, kb: (
@@ -341,13 +348,7 @@ def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, count, *,
                          1.0 / jnp.maximum(1.0, rms / safe_cap), 1.0)
       return k * factor.astype(k.dtype)[:, None, None]
     k3 = f.map(capped, new_mu, eig_new, k3)
-  # 1.12: back to factor coordinates, and 1.14's -learning_rate if ours.
-  decay = weight_decay
-  if learning_rate is not None:
-    step_size = (learning_rate(count) if callable(learning_rate)
-                 else learning_rate)
-    k3 = f.map(lambda _, k: -jnp.asarray(step_size, k.dtype) * k, k3)
-    decay = -step_size * weight_decay
+  # 1.12: back to factor coordinates.
   directions = f.times(new_mu, k3)
   # 1.13: weight decay, D + weight_decay X (times 1.14's -learning_rate).
   if not _known_zero(weight_decay):
@@ -568,13 +569,19 @@ def scale_by_lora_rite(
     if escape:
       eig_old = found.split_per_adapter(state.nu, "state.nu")
       rho = found.split_per_adapter(state.escape_mass, "state.escape_mass")
+    # 1.14's -learning_rate, if ours, is folded into K3 (and the decay).
+    step, decay = 1.0, weight_decay
+    if learning_rate is not None:
+      step_size = (learning_rate(state.count) if callable(learning_rate)
+                   else learning_rate)
+      step, decay = -step_size, -step_size * weight_decay
     k1, k2, k3, k4, eig_new, new_rho = _precondition_all(
         f, groups, second, second_raw, keep, clip, rows, eig_old, rho,
-        state.count, b1=b1, b2=b2, eps=eps, escape=escape,
+        state.count, step, b1=b1, b2=b2, eps=eps, escape=escape,
         rank_revealing=rank_revealing)
     new_mu, directions, new_basis = _apply(
-        f, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, state.count,
-        update_capping=update_capping, learning_rate=learning_rate,
+        f, x, mu, gbar, u1, k1, k2, k3, k4, eig_new,
+        update_capping=update_capping, decay=decay,
         weight_decay=weight_decay)
 
     nu = escape_mass = None
