@@ -39,7 +39,10 @@ def _spd_inverse(gram: jax.Array, reg: jax.Array) -> jax.Array:
   eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype),
                          gram.shape)
   cholesky = jax.scipy.linalg.cho_factor(gram + reg * eye, lower=True)
-  return linalg.sym(jax.scipy.linalg.cho_solve(cholesky, eye))
+  inverse = jax.scipy.linalg.cho_solve(cholesky, eye)
+  # sym(inverse), ending in a product (linalg.scale_columns says why).
+  return linalg.scale_columns(inverse + jnp.swapaxes(inverse, -1, -2),
+                              jnp.full(gram.shape[:-1], 0.5, gram.dtype))
 
 
 def _preconditioners(inputs: pairs_lib.PairInputs, factors, groups, reg,
