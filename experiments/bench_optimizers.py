@@ -149,10 +149,10 @@ def time_against_adam(label: str, shapes: Any, reps: int, cycle: int = 1,
   ratios of their compile times, bytes accessed and flops.
 
   An optimizer whose warm step takes over 5 s gets 3 repetitions. With
-  ``cycle > 1`` each repetition is ``cycle`` consecutive steps (Shampoo's
-  roots recomputed on the first of them, ``hparams`` setting
-  ``precondition_every=cycle``), and the result adds the amortised step,
-  the step that recomputes the roots and the statistics-only step.
+  ``cycle > 1`` each repetition is ``cycle`` consecutive steps (``hparams``
+  setting Shampoo's ``precondition_every=cycle``: one of them recomputes the
+  roots), and the result adds the amortised step, the step that recomputes
+  the roots and the statistics-only step.
   """
   params = random_like(shapes, 0, 0.02)
   grads = random_like(shapes, 1, 1e-3)
@@ -407,13 +407,19 @@ def target_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
   return out
 
 
-def _fmt_target(t: dict[str, Any]) -> str:
+def _target_words(t: dict[str, Any]) -> tuple[str, str]:
+  """A target's measure (``/ Adam's`` for a ratio) and its value, printed."""
+  versus = "" if t["key"] == "moving" else " / Adam's"
   value = (f"{t['value']:d}" if isinstance(t["value"], int)
            else f"{t['value']:.2f}")
+  return t["measure"] + versus, value
+
+
+def _fmt_target(t: dict[str, Any]) -> str:
+  measure, value = _target_words(t)
   verdict = "met" if t["met"] else "NOT met"
   note = f" ({t['note']})" if t["note"] else ""
-  versus = "" if t["key"] == "moving" else " / Adam's"
-  return (f"{t['label']} r={t['rank']} {t['measure']}{versus} <= "
+  return (f"{t['label']} r={t['rank']} {measure} <= "
           f"{t['limit']}: {value} {verdict}{note}")
 
 
@@ -489,10 +495,8 @@ def markdown(results: dict[str, Any]) -> str:
               "| optimizer | r | measure | target | measured | met |",
               "| --- | ---: | --- | ---: | ---: | --- |"]
     for t in targets:
-      value = (f"{t['value']:d}" if isinstance(t["value"], int)
-               else f"{t['value']:.2f}")
-      versus = "" if t["key"] == "moving" else " / Adam's"
-      lines.append(f"| {t['label']} | {t['rank']} | {t['measure']}{versus} | "
+      measure, value = _target_words(t)
+      lines.append(f"| {t['label']} | {t['rank']} | {measure} | "
                    f"<= {t['limit']} | {value} | "
                    f"{'yes' if t['met'] else 'no'}"
                    f"{' (' + t['note'] + ')' if t['note'] else ''} |")

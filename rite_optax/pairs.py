@@ -531,29 +531,19 @@ def alike_groups(found: LoraPairs, sizes: Sequence[int],
           for group, start in zip(members.values(), starts)]
 
 
-def batched(groups: Sequence[AlikeGroup], fn: Callable[..., Any],
-            *per_pair: Sequence[Any], sides: bool = True,
-            out_sides: Optional[bool] = None) -> Any:
+def batched(groups: Sequence[AlikeGroup], fn: Callable[..., jax.Array],
+            *per_pair: Sequence[Any], sides: bool = True) -> list[Any]:
   """``fn`` on the stacked batch of every group, unstacked per pair.
 
-  ``per_pair`` are per-pair lists (of ``(a, b)`` tuples, or of arrays with
-  ``sides=False``); ``fn`` takes the stacked batches and returns one array
-  or a tuple of arrays, each unstacked into a per-pair list (of ``(a, b)``
-  unless ``out_sides`` is False; it defaults to ``sides``).
+  ``per_pair`` are per-pair lists, of ``(a, b)`` tuples or, with
+  ``sides=False``, of one array per pair; ``fn`` takes the stacked batches
+  and returns one batch, unstacked into a per-pair list of the same kind.
   """
-  out_sides = sides if out_sides is None else out_sides
-  outs = None
+  out: list[Any] = [None] * len(per_pair[0]) if per_pair else []
   for group in groups:
-    result = fn(*(group.stack(values) for values in per_pair))
-    single = not isinstance(result, tuple)
-    result = (result,) if single else result
-    if outs is None:
-      outs = [[None] * len(per_pair[0]) for _ in result]
-    for batch, out in zip(result, outs):
-      group.unstack(batch, out, out_sides)
-  if outs is None:
-    return []
-  return outs[0] if single else tuple(outs)
+    group.unstack(fn(*(group.stack(values) for values in per_pair)), out,
+                  sides)
+  return out
 
 
 def find_pairs(tree: Any, spec: Optional[SpecFn] = None,

@@ -45,6 +45,13 @@ def _spd_inverse(gram: jax.Array, reg: jax.Array) -> jax.Array:
                               jnp.full(gram.shape[:-1], 0.5, gram.dtype))
 
 
+def _gram_inverses(groups, grams, reg, sides: bool = True):
+  """:func:`_spd_inverse` of per-pair Gram matrices, one batch per group."""
+  return pairs_lib.batched(
+      groups, lambda g: _spd_inverse(g, jnp.asarray(reg, g.dtype)), grams,
+      sides=sides)
+
+
 def _preconditioners(inputs: pairs_lib.PairInputs, factors, groups, reg,
                      precision: linalg.MatmulPrecision):
   """ALGORITHMS.md 2: per pair ``(inv(B.T B + reg I), inv(A.T A + reg I))``,
@@ -56,9 +63,8 @@ def _preconditioners(inputs: pairs_lib.PairInputs, factors, groups, reg,
   grams = [tuple(pairs_lib.factor_gram(x, x, rf, precision.gram)
                  for x, rf in zip(pair, rank_first))
            for pair, rank_first in zip(factors, inputs.rank_first)]
-  inverses = pairs_lib.batched(
-      groups, lambda g: _spd_inverse(g, jnp.asarray(reg, g.dtype)), grams)
-  return [(inv_b, inv_a) for inv_a, inv_b in inverses]
+  return [(inv_b, inv_a)
+          for inv_a, inv_b in _gram_inverses(groups, grams, reg)]
 
 
 def _one_side_inverses(inputs, factors, groups, reg, precision, side: int):
@@ -66,9 +72,7 @@ def _one_side_inverses(inputs, factors, groups, reg, precision, side: int):
   grams = [pairs_lib.factor_gram(pair[side], pair[side], rf[side],
                                  precision.gram)
            for pair, rf in zip(factors, inputs.rank_first)]
-  return pairs_lib.batched(
-      groups, lambda g: _spd_inverse(g, jnp.asarray(reg, g.dtype)), grams,
-      sides=False)
+  return _gram_inverses(groups, grams, reg, sides=False)
 
 
 def _precondition(inputs: pairs_lib.PairInputs, grads, preconditioners,
