@@ -83,6 +83,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 OPTIMIZERS["lora_pro (efficient)"] = ("lora_pro", {"scale": 1.0,
                                                    "mode": "efficient"})
+# Its Pallas kernels run interpreted on a CPU: only its bytes are measured
+# (fused_bytes), neither its time nor its collectives.
+OPTIMIZERS["lora_rite (fused)"] = ("lora_rite", {"fused": True})
+OPTIMIZERS["lora_pro (efficient, fused)"] = (
+    "lora_pro", {"scale": 1.0, "mode": "efficient", "fused": True})
+KERNEL_ONLY = ("lora_rite (fused)", "lora_pro (efficient, fused)")
 # Collective ops that move (parts of) arrays between devices; all-reduce
 # reduces them.
 MOVING = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
@@ -137,6 +143,40 @@ def _compiled_update(tx, params, grads):
   return update, state, dict(compile_s=compile_s,
                              bytes=float(cost.get("bytes accessed", np.nan)),
                              flops=float(cost.get("flops", np.nan)))
+
+
+def fused_bytes(label: str, shapes: Any) -> dict[str, Any]:
+  """Bytes accessed of an update with Pallas kernels, over Adam's.
+
+  XLA's ``cost_analysis`` cannot see into a kernel (interpreted here, a
+  custom call on TPU / GPU), so the update is compiled with each
+  ``pallas_call`` as an opaque call of the same operands and results: XLA's
+  count for the rest, plus each kernel's operands read once and results
+  written once, which is what :func:`rite_optax.fused.factor_pass`'s block
+  specs move (each block of each operand once per grid step).
+  """
+  from unittest import mock  # the kernels swapped for this count only
+  from jax.experimental import pallas as pl
+  params = random_like(shapes, 0, 0.02)
+  grads = random_like(shapes, 1, 1e-3)
+  kernels = []
+
+  def opaque_call(kernel, *, out_shape, **_):
+    def call(*operands):
+      kernels.append(sum(x.size * x.dtype.itemsize for x in operands)
+                     + sum(int(np.prod(o.shape)) * o.dtype.itemsize
+                           for o in out_shape))
+      return jax.pure_callback(lambda *a: None, list(out_shape), *operands)
+    return call
+
+  with mock.patch.object(pl, "pallas_call", opaque_call):
+    _, _, cost = _compiled_update(make_optimizer(label), params, grads)
+  _, _, adam = _compiled_update(optax.adam(LEARNING_RATE), params, grads)
+  # Each opaque call counts -1 in XLA's total (its unknown cost).
+  total = cost["bytes"] + len(kernels) + sum(kernels)
+  return dict(bytes=total, adam_bytes=adam["bytes"],
+              bytes_ratio=total / adam["bytes"], kernels=len(kernels),
+              kernel_bytes=float(sum(kernels)))
 
 
 WARMUP = 2  # untimed calls before the timed ones
@@ -363,9 +403,13 @@ def train_step_ratio(bench: TrainBench, reps: int) -> dict[str, Any]:
 TARGETS = (
     ("lora_rite", (4, 16), "bytes_ratio", 1.5, "bytes accessed"),
     ("lora_rite", (64,), "bytes_ratio", 2.0, "bytes accessed"),
+    ("lora_rite (fused)", (4, 16), "bytes_ratio", 1.5, "bytes accessed"),
+    ("lora_rite (fused)", (64,), "bytes_ratio", 2.0, "bytes accessed"),
     ("scaled_gd", None, "bytes_ratio", 1.5, "bytes accessed"),
     ("scaled_adamw", None, "bytes_ratio", 1.5, "bytes accessed"),
     ("lora_pro (efficient)", None, "bytes_ratio", 1.5, "bytes accessed"),
+    ("lora_pro (efficient, fused)", None, "bytes_ratio", 1.5,
+     "bytes accessed"),
     ("lora_rite", (4, 16), "ratio", 2.0, "update time"),
     ("lora_rite", (64,), "ratio", 4.0, "update time"),
     ("scaled_gd", None, "ratio", 1.5, "update time"),
@@ -469,6 +513,8 @@ def markdown(results: dict[str, Any]) -> str:
       c = row.get("collectives") or {}
       if row["label"] == "adam":
         timing = "- | - | 1 (reference) | 1 | 1"
+      elif t and "ms" not in t:
+        timing = f"- | - | - | {t['bytes_ratio']:.2f} | -"
       elif t:
         timing = (f"{t['ms']:.1f} | {t['adam_ms']:.1f} | **{t['ratio']:.2f}**"
                   f" | {t['bytes_ratio']:.2f} | {t['compile_ratio']:.2f}")
@@ -543,7 +589,11 @@ def run(args) -> dict[str, Any]:
         layers = max(1, layers_that_fit(label, rank, args.layers, budget))
         row["note"] = (f"state {row['state_vs_adam']:.0f} x Adam's: timed on "
                        f"{layers} layer(s), against Adam on the same")
-      if label != "adam" and layers > 0:
+      if label in KERNEL_ONLY:
+        row["time"] = fused_bytes(label, shapes)
+        row["note"] = (f"bytes only: {row['time']['kernels']} Pallas kernels "
+                       "counted as their operands and results")
+      elif label != "adam" and layers > 0:
         per_layer_s = _seconds_per_layer(label, rank)
         if per_layer_s * layers > args.max_step_seconds:
           layers = max(1, int(args.max_step_seconds // per_layer_s))
@@ -570,8 +620,11 @@ def run(args) -> dict[str, Any]:
             f"({row['state_vs_adam']:.4f} x adam) {row.get('note', '')}",
             flush=True)
   if not args.skip_collectives:
-    table = collectives_table(labels, args.ranks, args.collectives_layers)
+    table = collectives_table([l for l in labels if l not in KERNEL_ONLY],
+                              args.ranks, args.collectives_layers)
     for row in rows:
+      if row["label"] in KERNEL_ONLY:
+        continue
       row["collectives"] = table[f"{row['label']}|{row['rank']}"]
       c = row["collectives"]
       print(f"r={row['rank']:3d} {row['label']:22s} collectives {c['count']:5d}"
@@ -642,7 +695,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.state_budget_gb = min(args.state_budget_gb, 1.0)
     if not args.optimizers:
       args.optimizers = ["adam", "lora_plus", "scaled_adamw",
-                         "lora_pro (efficient)", "lora_rite"]
+                         "lora_pro (efficient)", "lora_rite",
+                         "lora_rite (fused)", "lora_pro (efficient, fused)"]
   if args.lapack_threads:
     with rite_optax.linalg.limit_lapack_threads(args.lapack_threads):
       results = run(args)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rite_optax import fused as fused_lib
 from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
@@ -184,6 +185,70 @@ def _efficient_adjusted(inputs_factors, grads, rank_first, groups, scale,
               inputs_factors, grads, rank_first, coeffs)]
 
 
+def _fused_grams(x, g, rank_first: bool, p: linalg.MatmulPrecision):
+  """``(X.T X, G.T X)`` of one factor in one fused pass."""
+  r = x.shape[-2 if rank_first else -1]
+
+  def body(blocks, _):
+    x_blk, g_blk = blocks
+    return [], [_mm(x_blk.T, x_blk, p.gram), _mm(g_blk.T, x_blk, p.gram)]
+
+  return fused_lib.factor_pass(body, [x, g], [], rank_first=rank_first,
+                               out_columns=(), gram_shapes=[(r, r)] * 2)[1]
+
+
+def _fused_efficient_step(inputs_factors, grads, mus, nus, rank_first, groups,
+                          scale, jitter, count, b1, b2, eps,
+                          p: linalg.MatmulPrecision):
+  """3b.1-3b.3 in two fused passes per factor (rite_optax.fused): the Grams
+  of 3b.1 reading ``X`` and ``G`` once, then ``g = G K + X L`` and Adam's
+  moments and direction reading ``X``, ``G``, ``mu``, ``nu`` once. Returns
+  per pair the directions, the new ``mu`` and the new ``nu``."""
+  grams = []
+  for (a, b), (g_a, g_b), (rf_a, rf_b) in zip(inputs_factors, grads,
+                                              rank_first):
+    gram_a, ga_t_a = _fused_grams(a, g_a, rf_a, p)
+    gram_b, gb_t_b = _fused_grams(b, g_b, rf_b, p)
+    grams.append(jnp.stack([gram_a, gram_b, ga_t_a,
+                            jnp.swapaxes(gb_t_b, -1, -2)], axis=1))
+
+  def coefficients(g):
+    inv_s2 = 1.0 / jnp.square(jnp.asarray(scale, g.dtype))
+    return jax.vmap(_efficient_coefficients, in_axes=(0, None, None))(
+        g, inv_s2, jnp.asarray(jitter, g.dtype))
+
+  coeffs = pairs_lib.batched(groups, coefficients, grams, sides=False)
+
+  def body(blocks, matrices):
+    x_blk, g_blk, mu_blk, nu_blk = blocks
+    k, l, c = matrices
+    # c: b1, b2, eps, 1 - b1^t, 1 - b2^t as (1, 1) slices (no scalar reads).
+    b1_, b2_, eps_, bc1, bc2 = (c[:, i:i + 1] for i in range(5))
+    adjusted = _mm(g_blk, k, p.product) + _mm(x_blk, l, p.product)
+    mu = b1_ * mu_blk + (1 - b1_) * adjusted
+    nu = b2_ * nu_blk + (1 - b2_) * jnp.square(adjusted)
+    return [(mu / bc1) / (jnp.sqrt(nu / bc2) + eps_), mu, nu], []
+
+  out = []
+  for (a, b), (g_a, g_b), pair_mu, pair_nu, rfs, c in zip(
+      inputs_factors, grads, mus, nus, rank_first, coeffs):
+    dtype, nb = a.dtype, a.shape[0]
+    t = (count + 1).astype(dtype)
+    b1_, b2_ = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
+    constants = jnp.broadcast_to(jnp.stack(
+        [b1_, b2_, jnp.asarray(eps, dtype), 1 - b1_**t, 1 - b2_**t]),
+        (nb, 1, 5))
+    r = a.shape[-2 if rfs[0] else -1]
+    sides = [fused_lib.factor_pass(
+        body, [x, g, mu, nu], [c[:, i], c[:, i + 1], constants],
+        rank_first=rf, out_columns=[r] * 3, gram_shapes=())[0]
+             for i, x, g, mu, nu, rf in zip((0, 2), (a, b), (g_a, g_b),
+                                            pair_mu, pair_nu, rfs)]
+    out.append(sides)
+  return ([tuple(side[j] for side in sides) for sides in out]
+          for j in range(3))
+
+
 def lora_pro_efficient_adjusted_grads(
     a: jax.Array,
     b: jax.Array,
@@ -268,6 +333,7 @@ def scale_by_lora_pro(
     jitter: float = 1e-6,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
     precision: linalg.PrecisionLike = None,
+    fused: bool = False,
 ) -> optax.GradientTransformation:
   """LoRA-Pro's direction (ALGORITHMS.md 3.1-3.5, or 3b.1-3b.3).
 
@@ -300,6 +366,13 @@ def scale_by_lora_pro(
       throughput: full mode's ``O(m n r)`` products are compute-bound for
       large ``r``, where ``"high"`` trades accuracy for up to 2x (TPU). The
       ``r x r`` products are ``HIGHEST`` always. Unmeasured on TPU / GPU.
+    fused: with ``mode="efficient"``, the products with the factors and
+      Adam's moments as two fused Pallas passes per factor
+      (:mod:`rite_optax.fused`): 6 factor-sized reads and 3 writes per
+      factor. For TPU / GPU, on unsharded or replicated factors; on a CPU it
+      runs in Pallas's interpreter, slower than the default. Same math,
+      rounded differently (tested against the default); unmeasured on TPU /
+      GPU.
 
   Cost per adapter of shape ``(m, n)`` and rank ``r``:
 
@@ -312,6 +385,9 @@ def scale_by_lora_pro(
   """
   if mode not in MODES:
     raise ValueError(f"lora_pro: mode must be one of {MODES}, got {mode!r}")
+  if fused and mode != "efficient":
+    raise ValueError("lora_pro: fused=True is for mode='efficient' (full "
+                     f"mode's moments are m x n), got mode={mode!r}")
   matmul = linalg.matmul_precision(precision)
 
   def pair_dtype(pair, leaves):
@@ -365,6 +441,13 @@ def scale_by_lora_pro(
         new_nu.append((nu, nu_pad))
       mu_tree = found.merge_per_adapter(state.mu, new_mu)
       nu_tree = found.merge_per_adapter(state.nu, new_nu)
+    elif fused:
+      directions, new_mu, new_nu = _fused_efficient_step(
+          factors, grads, inputs.split(state.mu, "state.mu"),
+          inputs.split(state.nu, "state.nu"), inputs.rank_first,
+          inputs.groups(), scale, jitter, state.count, b1, b2, eps, matmul)
+      mu_tree = inputs.merge(state.mu, new_mu)
+      nu_tree = inputs.merge(state.nu, new_nu)
     else:
       mus = inputs.split(state.mu, "state.mu")
       nus = inputs.split(state.nu, "state.nu")
@@ -401,6 +484,7 @@ def lora_pro(
     jitter: float = 1e-6,
     pair_spec: Optional[pairs_lib.SpecFn] = None,
     precision: linalg.PrecisionLike = None,
+    fused: bool = False,
 ) -> optax.GradientTransformation:
   """LoRA-Pro (Wang et al., ICLR 2025): ALGORITHMS.md 3 and 3b, its defaults.
 
@@ -419,6 +503,6 @@ def lora_pro(
   return optax.chain(
       scale_by_lora_pro(scale, mode=mode, b1=b1, b2=b2, eps=eps, delta=delta,
                         jitter=jitter, pair_spec=pair_spec,
-                        precision=precision),
+                        precision=precision, fused=fused),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rite_optax import fused as fused_lib
 from rite_optax import linalg
 from rite_optax import pairs as pairs_lib
 
@@ -231,24 +232,23 @@ class _Factors:
     return [None] * len(self.rank_first)
 
 
-def _orthonormalize(f: _Factors, groups: list[pairs_lib.AlikeGroup], x, basis, *,
-                    rank_revealing: bool):
-  """1.2: the thin QR of every factor from Gram matrices, and 1.6's basis
-  change ``C = U.T basis_old``.
-
-  :func:`rite_optax.linalg.gram_qr` written out, so that ``U = U1 m2`` is
-  only used through products and never formed. Returns ``U1 = X m1`` per
-  factor, ``R^+`` per factor, and per group the ``(N, 2, ...)`` batches
-  ``(m2, R^+, C)``.
-  """
-  m1, first = f.empty(), []
-  gram_x = f.gram(x, x)
+def _first_passes(groups: list[pairs_lib.AlikeGroup], gram_x, out):
+  """1.2's first QR pass of every factor from its Gram ``X.T X``: ``m1`` per
+  factor (written into ``out``, ``U1 = X m1``) and per group the ``(N, 2,
+  ...)`` batches ``(m1, r1)``."""
+  first = []
   for group in groups:
     m1_g, r1_g = _on_both_sides(linalg.gram_first_pass)(group.stack(gram_x))
-    group.unstack(m1_g, m1)
+    group.unstack(m1_g, out)
     first.append((m1_g, r1_g))
-  u1 = f.times(x, m1)
-  gram_u1, cross = f.gram(u1, u1), f.gram(u1, basis)
+  return first
+
+
+def _second_passes(f: _Factors, groups: list[pairs_lib.AlikeGroup], first,
+                   gram_u1, cross, *, rank_revealing: bool):
+  """1.2's second pass and 1.6's basis change from ``U1.T U1`` and
+  ``U1.T basis_old``: ``R^+`` per factor, and per group the batches
+  ``(m2, R^+, C)``."""
   r_pinv, second = f.empty(), []
   for group, (m1_g, r1_g) in zip(groups, first):
     rank, dtype = m1_g.shape[-1], m1_g.dtype
@@ -259,6 +259,25 @@ def _orthonormalize(f: _Factors, groups: list[pairs_lib.AlikeGroup], x, basis, *
         group.stack(gram_u1), group.stack(cross), m1_g, r1_g)
     group.unstack(r_pinv_g, r_pinv)
     second.append((m2_g, r_pinv_g, transport_g))
+  return r_pinv, second
+
+
+def _orthonormalize(f: _Factors, groups: list[pairs_lib.AlikeGroup], x, basis, *,
+                    rank_revealing: bool):
+  """1.2: the thin QR of every factor from Gram matrices, and 1.6's basis
+  change ``C = U.T basis_old``.
+
+  :func:`rite_optax.linalg.gram_qr` written out, so that ``U = U1 m2`` is
+  only used through products and never formed. Returns ``U1 = X m1`` per
+  factor, ``R^+`` per factor, and per group the ``(N, 2, ...)`` batches
+  ``(m2, R^+, C)``.
+  """
+  m1 = f.empty()
+  first = _first_passes(groups, f.gram(x, x), m1)
+  u1 = f.times(x, m1)
+  r_pinv, second = _second_passes(f, groups, first, f.gram(u1, u1),
+                                  f.gram(u1, basis),
+                                  rank_revealing=rank_revealing)
   return u1, r_pinv, second
 
 
@@ -337,6 +356,16 @@ def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, *,
           _times(m, ka, rf, f.matmul.product)
           + _nan_to_zero(_times(g, kb, rf, f.matmul.product))),
       mu, k1, gbar, k2)
+  directions = _directions(f, x, new_mu, k3, eig_new,
+                           update_capping=update_capping, decay=decay,
+                           weight_decay=weight_decay)
+  # 1.14: U_old = U, kept as the other factor's second-moment root.
+  return new_mu, directions, f.times(u1, k4)
+
+
+def _directions(f: _Factors, x, new_mu, k3, eig_new, *, update_capping,
+                decay, weight_decay):
+  """1.11-1.13: the capped directions ``mu' K3`` plus the weight decay."""
   # 1.11: update capping (0 disables): rms of M = mu Q diag(w)^1/2.
   if _maybe_positive(update_capping):
     def capped(rf, m, w, k):
@@ -354,8 +383,111 @@ def _apply(f: _Factors, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, *,
   if not _known_zero(weight_decay):
     directions = f.map(
         lambda _, d, v: d + jnp.asarray(decay, d.dtype) * v, directions, x)
-  # 1.14: U_old = U, kept as the other factor's second-moment root.
-  return new_mu, directions, f.times(u1, k4)
+  return directions
+
+
+# --------------------------- the same phases in fused passes (fused=True)
+# XLA writes every product with a factor to memory (rite_optax.fused says
+# why that costs); these read X, the basis and G once for all of 1.2-1.4's
+# Grams, and X, G and mu once for 1.10-1.14's results. Only the algebra
+# that lets the passes merge differs from the unfused phases: Gbar = G R_p^+
+# = Y m2_p with Y = G m1_p, so S = Gbar.T Gbar = m2_p.T (Y.T Y) m2_p is
+# summed in the pass of the QR's second Grams (m2_p has condition ~1, so
+# the sandwich loses nothing).
+
+
+def _dot(x, y, precision):
+  return jnp.dot(x, y, precision=precision)
+
+
+def _per_pair(values, k: int):
+  """Per pair ``(a, b)`` of ``k``-lists -> ``k`` per-pair lists of pairs."""
+  return [[(a[j], b[j]) for a, b in values] for j in range(k)]
+
+
+def _orthonormalize_fused(f: _Factors, groups: list[pairs_lib.AlikeGroup],
+                          x, basis, grads, *, rank_revealing: bool):
+  """1.2, 1.3's products and 1.6's basis change, with one fused pass per
+  factor for ``U1.T U1``, ``U1.T basis_old`` and ``Y.T Y`` (``U1 = X m1``,
+  ``Y = G m1_p``). Returns ``m1`` and ``R^+`` per factor, the second
+  passes' batches ``(m2, R^+, C)`` and ``Gbar.T Gbar`` per group."""
+  m1 = f.empty()
+  first = _first_passes(groups, f.gram(x, x), m1)
+  p = f.matmul
+
+  def body(blocks, matrices):
+    x_blk, basis_blk, g_blk = blocks
+    own_m1, partner_m1 = matrices
+    u1 = _dot(x_blk, own_m1, p.product)
+    y = _dot(g_blk, partner_m1, p.product)
+    return [], [_dot(u1.T, u1, p.gram), _dot(u1.T, basis_blk, p.gram),
+                _dot(y.T, y, p.gram)]
+
+  def one_pass(rf, xs, bs, gs, own, partner):
+    r = own.shape[-1]
+    return fused_lib.factor_pass(body, [xs, bs, gs], [own, partner],
+                             rank_first=rf, out_columns=(),
+                             gram_shapes=[(r, r)] * 3)[1]
+
+  grams = f.map(one_pass, x, basis, grads, m1, [(b, a) for a, b in m1])
+  gram_u1, cross, gram_y = _per_pair(grams, 3)
+  r_pinv, second = _second_passes(f, groups, first, gram_u1, cross,
+                                  rank_revealing=rank_revealing)
+  second_raw = []
+  for group, (m2_g, _, _) in zip(groups, second):
+    m2_p = _partner(m2_g)
+    second_raw.append(linalg.matmul(jnp.swapaxes(m2_p, -1, -2), linalg.matmul(
+        group.stack(gram_y), m2_p)))
+  return m1, r_pinv, second_raw, second
+
+
+def _apply_fused(f: _Factors, x, mu, grads, m1, r_pinv, k1, k2, k3, k4,
+                 eig_new, *, update_capping, decay, weight_decay):
+  """:func:`_apply` in one fused pass per factor reading ``X``, ``G`` and
+  ``mu``: ``mu' = mu K1 + nan_to_zero(G (R_p^+ K2))``, ``D = mu' K3 +
+  decay X`` and the new basis ``U1 K4 = X (m1 K4)``. With update capping the
+  directions need ``mu'``'s norm first, so they come from
+  :func:`_directions` after the pass."""
+  p = f.matmul
+  with_directions = not _maybe_positive(update_capping)
+  with_decay = with_directions and not _known_zero(weight_decay)
+
+  def body(blocks, matrices):
+    x_blk, g_blk, mu_blk = blocks
+    k1_, partner_k2, m1_k4 = matrices[:3]
+    new_mu = (_dot(mu_blk, k1_, p.product)
+              + _nan_to_zero(_dot(g_blk, partner_k2, p.product)))
+    outs = [new_mu, _dot(x_blk, m1_k4, p.product)]
+    if with_directions:
+      d = _dot(new_mu, matrices[3], p.product)
+      if with_decay:
+        d = d + _dot(x_blk, matrices[4], p.product)
+      outs.append(d)
+    return outs, []
+
+  def one_pass(rf, xs, gs, ms, k1_, rp, k2_, m1_, k4_, k3_):
+    r = k1_.shape[-1]
+    matrices = [k1_, linalg.matmul(rp, k2_), linalg.matmul(m1_, k4_)]
+    if with_directions:
+      matrices.append(k3_)
+    if with_decay:
+      matrices.append(jnp.broadcast_to(
+          jnp.asarray(decay, k1_.dtype) * jnp.eye(r, dtype=k1_.dtype),
+          k1_.shape))
+    return fused_lib.factor_pass(body, [xs, gs, ms], matrices, rank_first=rf,
+                             out_columns=[r] * (2 + with_directions),
+                             gram_shapes=())[0]
+
+  outs = f.map(one_pass, x, grads, mu, k1, [(b, a) for a, b in r_pinv], k2,
+               m1, k4, k3)
+  if with_directions:
+    new_mu, new_basis, directions = _per_pair(outs, 3)
+  else:
+    new_mu, new_basis = _per_pair(outs, 2)
+    directions = _directions(f, x, new_mu, k3, eig_new,
+                             update_capping=update_capping, decay=decay,
+                             weight_decay=weight_decay)
+  return new_mu, directions, new_basis
 
 
 def second_moment_rtol(rank: int, dtype: Any) -> float:
@@ -416,6 +548,7 @@ def scale_by_lora_rite(
     weight_decay: float = 0.0,
     rank_revealing: bool = True,
     precision: linalg.PrecisionLike = None,
+    fused: bool = False,
 ) -> optax.GradientTransformation:
   """LoRA-RITE's preconditioning (ALGORITHMS.md 1, steps 1-13, and 1b).
 
@@ -476,6 +609,13 @@ def scale_by_lora_rite(
       on both (``2 r`` flops per factor element read), so the price is
       expected to be small there and to grow with ``r`` beyond. No effect on
       CPU, nor for float64 or bfloat16 operands. Unmeasured on TPU / GPU.
+    fused: run the products with the factors as two fused Pallas passes per
+      factor (:mod:`rite_optax.fused`) after the Gram ``X.T X``: 7
+      factor-sized reads and 3 writes per factor rather than about 20
+      passes. For TPU / GPU, on unsharded or replicated factors (a Pallas
+      kernel is not partitioned); on a CPU it runs in Pallas's interpreter,
+      slower than the default. Same math, rounded differently (tested
+      against the default); unmeasured on TPU / GPU.
 
   Cost per pair: ``O((m + n) r^2 + r^3)`` flops: per factor ten products of
   the factor's size with ``r x r`` matrices (about ``20 (m + n) r^2``), and
@@ -554,10 +694,14 @@ def scale_by_lora_rite(
     basis = inputs.split(state.basis, "state.basis")
     groups = inputs.groups()
 
-    u1, r_pinv, second = _orthonormalize(f, groups, x, basis,
-                                         rank_revealing=rank_revealing)
-    gbar = _unmagnify(f, inputs.grads, r_pinv)
-    second_raw = [group.stack(f.gram(gbar, gbar)) for group in groups]
+    if fused:
+      m1, r_pinv, second_raw, second = _orthonormalize_fused(
+          f, groups, x, basis, inputs.grads, rank_revealing=rank_revealing)
+    else:
+      u1, r_pinv, second = _orthonormalize(f, groups, x, basis,
+                                           rank_revealing=rank_revealing)
+      gbar = _unmagnify(f, inputs.grads, r_pinv)
+      second_raw = [group.stack(f.gram(gbar, gbar)) for group in groups]
     rows = [group.stack([(np.full(a.shape[0], p.a.rows),
                           np.full(b.shape[0], p.b.rows))
                          for (a, b), p in zip(x, found.pairs)])
@@ -579,10 +723,15 @@ def scale_by_lora_rite(
         f, groups, second, second_raw, keep, clip, rows, eig_old, rho,
         state.count, step, b1=b1, b2=b2, eps=eps, escape=escape,
         rank_revealing=rank_revealing)
-    new_mu, directions, new_basis = _apply(
-        f, x, mu, gbar, u1, k1, k2, k3, k4, eig_new,
-        update_capping=update_capping, decay=decay,
-        weight_decay=weight_decay)
+    apply_kw = dict(update_capping=update_capping, decay=decay,
+                    weight_decay=weight_decay)
+    if fused:
+      new_mu, directions, new_basis = _apply_fused(
+          f, x, mu, inputs.grads, m1, r_pinv, k1, k2, k3, k4, eig_new,
+          **apply_kw)
+    else:
+      new_mu, directions, new_basis = _apply(
+          f, x, mu, gbar, u1, k1, k2, k3, k4, eig_new, **apply_kw)
 
     nu = escape_mass = None
     if escape:
@@ -619,6 +768,7 @@ def lora_rite(
     pair_spec: Optional[pairs_lib.SpecFn] = None,
     rank_revealing: bool = True,
     precision: linalg.PrecisionLike = None,
+    fused: bool = False,
 ) -> optax.GradientTransformation:
   """LoRA-RITE (Yen et al., ICLR 2025), ALGORITHMS.md 1, defaults included.
 
@@ -653,7 +803,7 @@ def lora_rite(
       update_skipping=update_skipping, update_capping=update_capping,
       escape=escape, pair_spec=pair_spec, learning_rate=learning_rate,
       weight_decay=weight_decay, rank_revealing=rank_revealing,
-      precision=precision))
+      precision=precision, fused=fused))
 
 
 def skip_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
