@@ -45,15 +45,22 @@ PassBody = Callable[[list[jax.Array], list[jax.Array]],
 
 
 def block_rows(rows: int, rank_first: bool) -> int:
-  """The rows of one block: the largest divisor of ``rows`` that is at most
-  :data:`MAX_BLOCK_ROWS` and a multiple of the hardware tile along that
-  axis (128 lanes when rows are the last axis, 8 sublanes otherwise), or
-  all of ``rows`` where none is (Pallas accepts a block of the whole axis)."""
+  """The rows of one block: the largest power of two that divides ``rows``,
+  is at most :data:`MAX_BLOCK_ROWS` and is a multiple of the hardware tile
+  along that axis (128 lanes when rows are the last axis, 8 sublanes
+  otherwise; Triton wants powers of two), or all of ``rows`` where none is
+  (Pallas accepts a block of the whole axis)."""
   tile = 128 if rank_first else 8
-  for block in range(min(rows, MAX_BLOCK_ROWS) // tile * tile, 0, -tile):
+  block = 1 << (max(MAX_BLOCK_ROWS, 1).bit_length() - 1)
+  while block >= tile:
     if rows % block == 0:
       return block
+    block //= 2
   return rows
+
+
+# Triton's matrix product (tl.dot) needs every dimension >= 16.
+MIN_GPU_RANK = 16
 
 
 def interpret_default() -> bool:
@@ -89,6 +96,14 @@ def factor_pass(body: PassBody, factors: Sequence[jax.Array],
   """
   first = factors[0]
   nb, rows = first.shape[0], first.shape[-1 if rank_first else -2]
+  interpret = interpret_default() if interpret is None else interpret
+  ranks = [f.shape[-2 if rank_first else -1] for f in factors]
+  if not interpret and jax.default_backend() != "tpu" and (
+      min(ranks) < MIN_GPU_RANK):
+    raise ValueError(
+        f"fused=True on a GPU needs LoRA rank >= {MIN_GPU_RANK} (Triton's "
+        f"matrix product), got factors of rank {min(ranks)}: use "
+        "fused=False for this tree")
   block = block_rows(rows, rank_first)
   grid = (nb, rows // block)
   dtype = first.dtype
@@ -123,8 +138,7 @@ def factor_pass(body: PassBody, factors: Sequence[jax.Array],
                   for s in gram_shapes])
   results = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape,
-      interpret=interpret_default() if interpret is None else interpret,
+      out_shape=out_shape, interpret=interpret,
   )(*factors, *(m.astype(dtype) for m in matrices))
   outs, partial = results[:len(out_columns)], results[len(out_columns):]
   return list(outs), [jnp.sum(p, axis=1) for p in partial]

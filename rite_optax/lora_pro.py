@@ -235,9 +235,10 @@ def _fused_efficient_step(inputs_factors, grads, mus, nus, rank_first, groups,
     dtype, nb = a.dtype, a.shape[0]
     t = (count + 1).astype(dtype)
     b1_, b2_ = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
+    # Padded to 8 columns: Triton's blocks are powers of two.
     constants = jnp.broadcast_to(jnp.stack(
-        [b1_, b2_, jnp.asarray(eps, dtype), 1 - b1_**t, 1 - b2_**t]),
-        (nb, 1, 5))
+        [b1_, b2_, jnp.asarray(eps, dtype), 1 - b1_**t, 1 - b2_**t]
+        + [jnp.zeros((), dtype)] * 3), (nb, 1, 8))
     r = a.shape[-2 if rfs[0] else -1]
     sides = [fused_lib.factor_pass(
         body, [x, g, mu, nu], [c[:, i], c[:, i + 1], constants],
