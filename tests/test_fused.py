@@ -136,3 +136,11 @@ def test_fused_lora_pro_equals_unfused_over_row_blocks(monkeypatch):
 def test_fused_lora_pro_full_mode_is_refused():
   with pytest.raises(ValueError, match="fused=True is for mode='efficient'"):
     rite_optax.lora_pro(0.01, 2.0, mode="full", fused=True)
+
+
+def test_gpu_below_rank_16_is_refused_with_the_reason(monkeypatch):
+  monkeypatch.setattr(fused.jax, "default_backend", lambda: "gpu")
+  x = jnp.ones((1, 64, 4))
+  with pytest.raises(ValueError, match="rank >= 16.*got factors of rank 4"):
+    fused.factor_pass(lambda b, m: ([], []), [x], [], rank_first=False,
+                      out_columns=(), gram_shapes=())
