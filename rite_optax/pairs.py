@@ -494,10 +494,15 @@ class AlikeGroup(NamedTuple):
     """Per pair ``(a, b)`` of ``(nb, ...)`` arrays -> one ``(N, 2, ...)``
     (side 0 the A factor, 1 the B); per pair one ``(nb, ...)`` array ->
     ``(N, ...)``."""
-    parts = [jnp.stack(jnp.broadcast_arrays(*per_pair[i]), axis=1)
-             if isinstance(per_pair[i], tuple) else per_pair[i]
-             for i in self.pairs]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    if not isinstance(per_pair[self.pairs[0]], tuple):
+      parts = [per_pair[i] for i in self.pairs]
+      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    # One concatenation per side, then one stack: XLA makes a few
+    # operations per call of this, not one per pair.
+    sides = [[jnp.broadcast_arrays(*per_pair[i])[side] for i in self.pairs]
+             for side in (0, 1)]
+    return jnp.stack([parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+                      for parts in sides], axis=1)
 
   def unstack(self, batch: jax.Array, out: list[Any],
               sides: bool = True) -> list[Any]:
