@@ -16,7 +16,9 @@ Gram reductions (optax and XLA don't; cuBLAS / the MXU do one product).
 Where it runs: compiled by Pallas on TPU (Mosaic) and GPU (Triton); on a CPU,
 Pallas has no compiler, so the kernel runs in its interpreter (correct, and
 what the tests check, but slower than XLA's unfused products there).
-Unmeasured on TPU / GPU in this project. A ``pallas_call`` is opaque to
+Unmeasured on TPU / GPU in this project. On a GPU the ranks must be at
+least :data:`MIN_GPU_RANK` (Triton's matrix product); a smaller one is
+refused with that reason. A ``pallas_call`` is opaque to
 XLA's SPMD partitioner: use it on unsharded (or replicated) factors, and
 the unfused products where factors are sharded along their rows.
 
