@@ -158,6 +158,17 @@ def _efficient_coefficients(grams: jax.Array, inv_s2: jax.Array,
   return jnp.stack([inv_s2 * sb_inv, x.T, k_b, l_b])
 
 
+def _batched_coefficients(groups, grams, scale, jitter):
+  """:func:`_efficient_coefficients` of every pair, one batch per group of
+  alike pairs (``grams`` per pair ``(nb, 4, r, r)``)."""
+  def coefficients(g):
+    inv_s2 = 1.0 / jnp.square(jnp.asarray(scale, g.dtype))
+    return jax.vmap(_efficient_coefficients, in_axes=(0, None, None))(
+        g, inv_s2, jnp.asarray(jitter, g.dtype))
+
+  return pairs_lib.batched(groups, coefficients, grams, sides=False)
+
+
 def _efficient_adjusted(inputs_factors, grads, rank_first, groups, scale,
                         jitter, p: linalg.MatmulPrecision):
   """3b.1-3b.2 for every pair: per pair the two products of ``gA`` and of
@@ -172,12 +183,7 @@ def _efficient_adjusted(inputs_factors, grads, rank_first, groups, scale,
         pairs_lib.factor_gram(g_a, a, rf_a, p.gram),
         pairs_lib.factor_gram(b, g_b, rf_b, p.gram)], axis=1))
 
-  def coefficients(g):
-    inv_s2 = 1.0 / jnp.square(jnp.asarray(scale, g.dtype))
-    return jax.vmap(_efficient_coefficients, in_axes=(0, None, None))(
-        g, inv_s2, jnp.asarray(jitter, g.dtype))
-
-  coeffs = pairs_lib.batched(groups, coefficients, grams, sides=False)
+  coeffs = _batched_coefficients(groups, grams, scale, jitter)
   times = lambda x, k, rf: pairs_lib.factor_times(x, k, rf, p.product)
   return [((times(g_a, c[:, 0], rf_a), times(a, c[:, 1], rf_a)),
            (times(g_b, c[:, 2], rf_b), times(b, c[:, 3], rf_b)))
@@ -212,12 +218,7 @@ def _fused_efficient_step(inputs_factors, grads, mus, nus, rank_first, groups,
     grams.append(jnp.stack([gram_a, gram_b, ga_t_a,
                             jnp.swapaxes(gb_t_b, -1, -2)], axis=1))
 
-  def coefficients(g):
-    inv_s2 = 1.0 / jnp.square(jnp.asarray(scale, g.dtype))
-    return jax.vmap(_efficient_coefficients, in_axes=(0, None, None))(
-        g, inv_s2, jnp.asarray(jitter, g.dtype))
-
-  coeffs = pairs_lib.batched(groups, coefficients, grams, sides=False)
+  coeffs = _batched_coefficients(groups, grams, scale, jitter)
 
   def body(blocks, matrices):
     x_blk, g_blk, mu_blk, nu_blk = blocks

@@ -396,10 +396,6 @@ def _directions(f: _Factors, x, new_mu, k3, eig_new, *, update_capping,
 # the sandwich loses nothing).
 
 
-def _dot(x, y, precision):
-  return jnp.dot(x, y, precision=precision)
-
-
 def _per_pair(values, k: int):
   """Per pair ``(a, b)`` of ``k``-lists -> ``k`` per-pair lists of pairs."""
   return [[(a[j], b[j]) for a, b in values] for j in range(k)]
@@ -418,10 +414,10 @@ def _orthonormalize_fused(f: _Factors, groups: list[pairs_lib.AlikeGroup],
   def body(blocks, matrices):
     x_blk, basis_blk, g_blk = blocks
     own_m1, partner_m1 = matrices
-    u1 = _dot(x_blk, own_m1, p.product)
-    y = _dot(g_blk, partner_m1, p.product)
-    return [], [_dot(u1.T, u1, p.gram), _dot(u1.T, basis_blk, p.gram),
-                _dot(y.T, y, p.gram)]
+    u1 = linalg.matmul(x_blk, own_m1, p.product)
+    y = linalg.matmul(g_blk, partner_m1, p.product)
+    return [], [linalg.matmul(u1.T, u1, p.gram), linalg.matmul(u1.T, basis_blk, p.gram),
+                linalg.matmul(y.T, y, p.gram)]
 
   def one_pass(rf, xs, bs, gs, own, partner):
     r = own.shape[-1]
@@ -455,13 +451,13 @@ def _apply_fused(f: _Factors, x, mu, grads, m1, r_pinv, k1, k2, k3, k4,
   def body(blocks, matrices):
     x_blk, g_blk, mu_blk = blocks
     k1_, partner_k2, m1_k4 = matrices[:3]
-    new_mu = (_dot(mu_blk, k1_, p.product)
-              + _nan_to_zero(_dot(g_blk, partner_k2, p.product)))
-    outs = [new_mu, _dot(x_blk, m1_k4, p.product)]
+    new_mu = (linalg.matmul(mu_blk, k1_, p.product)
+              + _nan_to_zero(linalg.matmul(g_blk, partner_k2, p.product)))
+    outs = [new_mu, linalg.matmul(x_blk, m1_k4, p.product)]
     if with_directions:
-      d = _dot(new_mu, matrices[3], p.product)
+      d = linalg.matmul(new_mu, matrices[3], p.product)
       if with_decay:
-        d = d + _dot(x_blk, matrices[4], p.product)
+        d = d + linalg.matmul(x_blk, matrices[4], p.product)
       outs.append(d)
     return outs, []
 
