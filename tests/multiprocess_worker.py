@@ -143,12 +143,14 @@ def train(checkpoint_dir: str, steps: int, save_every: int,
           np.asarray(metrics["loss"].addressable_data(0)))
       record["nonfinite_steps"] += int(
           np.asarray(metrics["nonfinite_steps"].addressable_data(0)))
-      checkpoints.save(step + 1, state, {"index": step + 1})
       _progress(f"step {step + 1}: loss {record['losses'][step + 1]:.6f}")
+      # The loss is written before the save: a save may wait on the other
+      # process, which the step of the death kills.
       if losses_file is not None:
         with open(losses_file, "a") as f:
           f.write(json.dumps({"step": step + 1,
                               "loss": record["losses"][step + 1]}) + "\n")
+      checkpoints.save(step + 1, state, {"index": step + 1})
       if die_after == step + 1 and jax.process_index() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
       if die_after is not None and (step + 1) % save_every == 0:
