@@ -22,6 +22,10 @@ Protocol (:class:`Gemma3Settings`):
   (lowest final held-out loss on seed 0) is at that edge.
 * Seeds 0-2 at the best rate; held-out loss and accuracy (answer
   likelihood) on the same 500 test questions for every run; mean +- std.
+* Whether the steps are enough: Adam at its best rate also trained for
+  twice the steps (its own cosine schedule). The protocol's steps have
+  levelled off when that run's held-out loss is not lower than the seeds'
+  by more than their spread.
 * The invariance experiment: B = 0 and A scaled by s in {0.01, 1, 100}, over
   the grid, for Adam, LoRA+, ScaledAdamW and LoRA-RITE.
 
@@ -96,6 +100,9 @@ class Gemma3Settings:
   loss_tokens: int = 16
   eval_examples: int = 500
   eval_points: int = 2  # held-out loss evaluations per run, the last at end
+  # Adam at its best rate (first task and rank, seed 0) also runs this
+  # many times the steps: are the protocol's steps enough?
+  longer_run: int = 2
   invariance_scales: Sequence[float] = (0.01, 1.0, 100.0)
   invariance_optimizers: Sequence[str] = ("adam", "lora_plus", "scaled_adamw",
                                           "lora_rite")
@@ -139,12 +146,14 @@ class RunKey:
   lr: float
   seed: int = 0
   init_scale: float = 1.0
+  steps: int = 0  # 0: the settings' steps
 
   @property
   def name(self) -> str:
     scale = "" if self.init_scale == 1.0 else f"-a{self.init_scale:g}"
+    steps = f"-t{self.steps}" if self.steps else ""
     return (f"{self.task}-r{self.rank}-{self.optimizer}-lr{self.lr:g}"
-            f"-s{self.seed}{scale}")
+            f"-s{self.seed}{scale}{steps}")
 
 
 def run_config(settings: Gemma3Settings, key: RunKey
@@ -160,7 +169,8 @@ def run_config(settings: Gemma3Settings, key: RunKey
       lora_alpha=settings.lora_alpha, lora_init_scale=key.init_scale,
       optimizer=key.optimizer, hparams=json.dumps(hparams, sort_keys=True),
       learning_rate=key.lr, warmup_steps=settings.warmup_steps,
-      schedule="cosine", clip_grad_norm=0.0, steps=settings.steps,
+      schedule="cosine", clip_grad_norm=0.0, steps=key.steps or settings.steps,
+      # A longer run is evaluated at the same steps, and on past them.
       eval_every=max(1, settings.steps // settings.eval_points),
       eval_examples=settings.eval_examples, eval_task_metrics=False,
       eval_base=False, checkpoint_every=50, keep_checkpoints=1,
@@ -424,14 +434,23 @@ class Plan:
     return [self.run(RunKey(task, rank, name, lr, seed))
             for seed in range(self.settings.seeds)]
 
+  def longer(self, task: str, rank: int, name: str, lr: float) -> dict:
+    """Seed 0 at ``lr`` for ``longer_run`` times the steps."""
+    s = self.settings
+    return self.run(RunKey(task, rank, name, lr, 0,
+                           steps=s.longer_run * s.steps))
+
 
 def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
   """The protocol's pieces, most informative first: the first task at the
-  first rank for every optimizer, then the invariance experiment, then the
-  other tasks, then the other ranks."""
+  first rank for every optimizer (Adam's longer run right after Adam, as
+  it says whether the steps are enough), then the invariance experiment,
+  then the other tasks, then the other ranks."""
   first_task, first_rank = settings.tasks[0], settings.ranks[0]
   for name in settings.optimizers:
     yield "main", (first_task, first_rank, name)
+    if name == "adam" and settings.longer_run > 1:
+      yield "longer", (first_task, first_rank, name)
   for name in settings.invariance_optimizers:
     for scale in settings.invariance_scales:
       yield "invariance", (first_task, first_rank, name, scale)
@@ -475,6 +494,9 @@ def run_protocol(settings: Gemma3Settings, max_runs: Optional[int],
         g = plan.grid(task, rank, name)
         for r in plan.seeds(task, rank, name, g["best_lr"]):
           accuracy(settings, scorer, RunKey(**r["key"]), log)
+      elif kind == "longer":
+        task, rank, name = args
+        plan.longer(task, rank, name, plan.grid(task, rank, name)["best_lr"])
       else:
         task, rank, name, scale = args
         plan.grid(task, rank, name, scale)
@@ -549,9 +571,20 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
         continue
       invariance.setdefault(name, {})[f"{scale:g}"] = [
           [lr, r["final_eval_loss"]] for lr, r in zip(g["lrs"], g["runs"])]
+  longer = None
+  if "adam" in settings.optimizers and settings.longer_run > 1:
+    try:
+      g = plan.grid(task, rank, "adam")
+      run = plan.longer(task, rank, "adam", g["best_lr"])
+      longer = {"optimizer": "adam", "lr": g["best_lr"],
+                "steps": run["config"]["steps"], "eval_loss": run["eval_loss"],
+                "final_eval_loss": run["final_eval_loss"]}
+    except KeyError:
+      pass
   bases = {t: _read(settings.results_dir / f"base_{t}.json")
            for t in settings.tasks}
-  return {"tables": tables, "invariance": invariance, "base": bases,
+  return {"tables": tables, "invariance": invariance, "longer": longer,
+          "base": bases,
           "majority": {t: majority_rate(settings, t) for t in settings.tasks},
           "missing": sorted(set(missing))}
 
@@ -593,6 +626,24 @@ def significance(entry: dict[str, Any]) -> dict[str, str]:
   return out
 
 
+def levelled_off(settings: Gemma3Settings, found: dict[str, Any]
+                 ) -> Optional[str]:
+  """Whether the protocol's steps are enough, from Adam's longer run: its
+  final held-out loss against the seeds' mean at the protocol's steps,
+  lower by more than their spread or not; None before both are in."""
+  longer = found.get("longer")
+  entry = found["tables"].get(f"{settings.tasks[0]}/r{settings.ranks[0]}",
+                              {}).get("adam")
+  if longer is None or not _done(entry) or entry["eval_loss"]["mean"] is None:
+    return None
+  seeds = entry["eval_loss"]
+  final = longer["final_eval_loss"]
+  if not sweep.is_finite(final):
+    return "diverged"
+  return ("not levelled off" if seeds["mean"] - final > seeds["std"]
+          else "levelled off")
+
+
 def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
   lines = []
   for where, entry in found["tables"].items():
@@ -630,6 +681,29 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
           f"{_pm(o['acc'], pct=True)} | {_pm(o['acc_norm'], pct=True)} | "
           f"{sig.get(name, '–')} | {', '.join(cells)} |")
     lines.append("")
+  longer, verdict = found.get("longer"), levelled_off(settings, found)
+  if longer is not None and verdict is not None:
+    s = settings
+    seeds = found["tables"][f"{s.tasks[0]}/r{s.ranks[0]}"]["adam"]
+    lines.append(f"### Are {s.steps} steps enough?\n")
+    lines.append(
+        f"Adam at its best rate ({longer['lr']:g}) on {s.tasks[0]}, rank "
+        f"{s.ranks[0]}, seed 0, trained for {longer['steps']} steps instead "
+        f"of {s.steps} (warmup {s.warmup_steps}, then its own cosine decay): "
+        "held-out loss " + ", ".join(f"{v:.4f} at step {t}"
+                                     for t, v in longer["eval_loss"])
+        + f". The {s.steps}-step seeds: {_pm(seeds['eval_loss'])}.\n")
+    lines.append({
+        "levelled off": f"**Levelled off**: {s.longer_run}x the steps do "
+                        f"not lower the held-out loss by more than the seed "
+                        f"spread.",
+        "not levelled off": f"**Not levelled off**: {s.longer_run}x the "
+                            f"steps lower "
+                            f"the held-out loss by more than the seed "
+                            f"spread; the {s.steps}-step comparison is one "
+                            f"of short training.",
+        "diverged": "The longer run diverged.",
+    }[verdict] + "\n")
   if found["invariance"]:
     lines.append("### Invariance: the start (A s, B = 0)\n")
     lines.append(f"Final held-out loss (seed 0) on {settings.tasks[0]}, rank "
@@ -755,7 +829,8 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
       (f"Complete: {len(runs)} runs." if not found["missing"] else
        f"**Partial**: {len(runs)} runs finished; {len(found['missing'])} "
        f"pieces of the protocol (an optimizer's grid and seeds on a task "
-       f"and rank, or an invariance grid) are unfinished. The next run of "
+       f"and rank, an invariance grid, or Adam's longer run) are "
+       f"unfinished. The next run of "
        f"each: " + ", ".join(f"`{m}`" for m in found["missing"]) + ". Rerun "
        "the command to continue; the tables fill in as runs finish.") + "\n",
       "## Results\n", markdown(settings, found)]
@@ -781,6 +856,10 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
       f"at the best rate, mean ± sample std. \"vs Adam\": better or worse "
       f"only when the mean held-out losses differ by more than the larger "
       f"of the two seed spreads.",
+      f"* Steps: Adam at its best rate (seed 0) also runs "
+      f"{s.longer_run * s.steps} steps; the protocol's {s.steps} have "
+      f"levelled off if that does not lower the held-out loss by more than "
+      f"the seed spread.",
       f"* Hyperparameters besides the lr: the registry's defaults, except "
       f"{json.dumps(HPARAMS)} (see `HPARAMS` in "
       f"`experiments/gemma3_compare.py` for why) and LoRA-Pro's scale.",

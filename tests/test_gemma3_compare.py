@@ -72,10 +72,16 @@ def test_a_stopped_comparison_resumes_without_repeating_a_run(tiny):
 
   gc.run_protocol(settings, max_runs=None, log=log, on_result=report)
   done = report()
-  # The grid (1 rate), seed 1 at the best, the grid from A x 100; and the
-  # base's evaluation: each once, over both invocations.
-  assert len(calls) == len(set(calls)) == 1 + 1 + 1 + 1
-  assert done["finished_runs"] == 3 and done["missing"] == []
+  # The grid (1 rate), seed 1 at the best, Adam's longer run, the grid
+  # from A x 100; and the base's evaluation: each once, over both
+  # invocations.
+  assert len(calls) == len(set(calls)) == 1 + 1 + 1 + 1 + 1
+  assert done["finished_runs"] == 4 and done["missing"] == []
+  # The longer run: twice the steps, evaluated at the protocol's steps too.
+  assert done["longer"]["steps"] == 4
+  assert [t for t, _ in done["longer"]["eval_loss"]] == [2, 4]
+  assert "### Are 2 steps enough?" in (settings.results_dir
+                                       / "README.md").read_text()
   entry = done["tables"]["arc_easy/r2"]["adam"]
   assert len(entry["eval_loss"]["values"]) == 2
   assert all(0.0 <= a <= 1.0 for a in entry["acc"]["values"])
@@ -122,3 +128,20 @@ def test_a_fresh_checkout_retrains_a_run_whose_factors_are_gone(tiny):
   shutil.rmtree(settings.work_dir)
   with pytest.raises(RuntimeError, match="is not the cached"):
     gc.final_params_path(settings, key, log)
+
+
+def test_the_steps_are_enough_only_if_twice_as_many_gain_less_than_the_spread():
+  settings = gc.Gemma3Settings()
+  adam = {"grid": [], "best_lr": 1e-4, "best_at_edge": False,
+          "eval_loss": {"mean": 2.0, "std": 0.01, "values": [1.99, 2.0, 2.01]}}
+
+  def verdict(final):
+    found = {"tables": {"arc_easy/r8": {"adam": adam}},
+             "longer": {"final_eval_loss": final}}
+    return gc.levelled_off(settings, found)
+
+  assert verdict(1.995) == "levelled off"
+  assert verdict(2.03) == "levelled off"  # worse with more steps: enough
+  assert verdict(1.985) == "not levelled off"
+  assert verdict(None) == "diverged"
+  assert gc.levelled_off(settings, {"tables": {}, "longer": None}) is None
