@@ -446,14 +446,14 @@ class Plan:
 
 def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
   """The protocol's pieces, most informative first: the first task at the
-  first rank for every optimizer (Adam's longer run right after Adam, as
-  it says whether the steps are enough), then the invariance experiment,
-  then the other tasks, then the other ranks."""
+  first rank for every optimizer (Adam's longer run right after Adam's
+  grid, before its seeds, as it says whether the steps are enough), then
+  the invariance experiment, then the other tasks, then the other ranks."""
   first_task, first_rank = settings.tasks[0], settings.ranks[0]
   for name in settings.optimizers:
-    yield "main", (first_task, first_rank, name)
     if name == "adam" and settings.longer_run > 1:
       yield "longer", (first_task, first_rank, name)
+    yield "main", (first_task, first_rank, name)
   for name in settings.invariance_optimizers:
     for scale in settings.invariance_scales:
       yield "invariance", (first_task, first_rank, name, scale)
