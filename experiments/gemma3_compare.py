@@ -444,6 +444,10 @@ class Plan:
                            steps=s.longer_run * s.steps))
 
 
+def _has_longer_run(settings: Gemma3Settings) -> bool:
+  return "adam" in settings.optimizers and settings.longer_run > 1
+
+
 def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
   """The protocol's pieces, most informative first: the first task at the
   first rank for every optimizer (Adam's longer run right after Adam's
@@ -451,7 +455,7 @@ def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
   the invariance experiment, then the other tasks, then the other ranks."""
   first_task, first_rank = settings.tasks[0], settings.ranks[0]
   for name in settings.optimizers:
-    if name == "adam" and settings.longer_run > 1:
+    if name == "adam" and _has_longer_run(settings):
       yield "longer", (first_task, first_rank, name)
     yield "main", (first_task, first_rank, name)
   for name in settings.invariance_optimizers:
@@ -575,7 +579,7 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
       invariance.setdefault(name, {})[f"{scale:g}"] = [
           [lr, r["final_eval_loss"]] for lr, r in zip(g["lrs"], g["runs"])]
   longer = None
-  if "adam" in settings.optimizers and settings.longer_run > 1:
+  if _has_longer_run(settings):
     try:
       g = plan.grid(task, rank, "adam")
       run = plan.longer(task, rank, "adam", g["best_lr"])
@@ -629,14 +633,19 @@ def significance(entry: dict[str, Any]) -> dict[str, str]:
   return out
 
 
+def _first_adam(settings: Gemma3Settings, found: dict[str, Any]
+                ) -> Optional[dict[str, Any]]:
+  """Adam's entry on the first task and rank, where its longer run is."""
+  return found["tables"].get(f"{settings.tasks[0]}/r{settings.ranks[0]}",
+                             {}).get("adam")
+
+
 def levelled_off(settings: Gemma3Settings, found: dict[str, Any]
                  ) -> Optional[str]:
   """Whether the protocol's steps are enough, from Adam's longer run: its
   final held-out loss against the seeds' mean at the protocol's steps,
   lower by more than their spread or not; None before both are in."""
-  longer = found.get("longer")
-  entry = found["tables"].get(f"{settings.tasks[0]}/r{settings.ranks[0]}",
-                              {}).get("adam")
+  longer, entry = found.get("longer"), _first_adam(settings, found)
   if longer is None or not _done(entry) or entry["eval_loss"]["mean"] is None:
     return None
   seeds = entry["eval_loss"]
@@ -687,7 +696,7 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
   longer, verdict = found.get("longer"), levelled_off(settings, found)
   if longer is not None and verdict is not None:
     s = settings
-    seeds = found["tables"][f"{s.tasks[0]}/r{s.ranks[0]}"]["adam"]
+    seeds = _first_adam(settings, found)
     lines.append(f"### Are {s.steps} steps enough?\n")
     lines.append(
         f"Adam at its best rate ({longer['lr']:g}) on {s.tasks[0]}, rank "

@@ -416,7 +416,8 @@ def _orthonormalize_fused(f: _Factors, groups: list[pairs_lib.AlikeGroup],
     own_m1, partner_m1 = matrices
     u1 = linalg.matmul(x_blk, own_m1, p.product)
     y = linalg.matmul(g_blk, partner_m1, p.product)
-    return [], [linalg.matmul(u1.T, u1, p.gram), linalg.matmul(u1.T, basis_blk, p.gram),
+    return [], [linalg.matmul(u1.T, u1, p.gram),
+                linalg.matmul(u1.T, basis_blk, p.gram),
                 linalg.matmul(y.T, y, p.gram)]
 
   def one_pass(rf, xs, bs, gs, own, partner):
