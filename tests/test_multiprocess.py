@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -93,6 +94,21 @@ def _losses(out, index):
   return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+def _wait_for_loss(out, index, step, process, timeout_s=120):
+  """Until process ``index`` has written the loss of ``step`` (or exited):
+  its step ends after its partner's, which the test may just have seen
+  die, so killing it at once can cut a loss it was about to write."""
+  path = out / f"losses_{index}.jsonl"
+  deadline = time.monotonic() + timeout_s
+  while process.poll() is None and time.monotonic() < deadline:
+    try:
+      if path.exists() and step in _losses(out, index):
+        return
+    except ValueError:  # a line half written
+      pass
+    time.sleep(0.2)
+
+
 def _kill(processes):
   for process in processes:
     if process.poll() is None:
@@ -134,6 +150,7 @@ def test_two_processes_train_die_restart_and_match_one(tmp_path, reference):
     rc = processes[1].wait(timeout=TIMEOUT_S)
     assert rc == -signal.SIGKILL, (
         f"process 1 exited {rc}:\n{_log_tail(out, 1)}")
+    _wait_for_loss(out, 0, DIE_AFTER, processes[0])
   finally:
     # Process 0 is stuck in the next collective (or has failed in it).
     _kill(processes)
