@@ -498,9 +498,14 @@ def run_protocol(settings: Gemma3Settings, max_runs: Optional[int],
     for kind, args in work_order(settings):
       if kind == "main":
         task, rank, name = args
-        g = plan.grid(task, rank, name)
-        for r in plan.seeds(task, rank, name, g["best_lr"]):
-          accuracy(settings, scorer, RunKey(**r["key"]), log)
+        best_lr = plan.grid(task, rank, name)["best_lr"]
+        for seed in range(settings.seeds):
+          # Scored while its factors are on disk: the work folder that
+          # holds them does not outlive a session, and a seed whose score
+          # waited for the next one would be trained again.
+          key = RunKey(task, rank, name, best_lr, seed)
+          plan.run(key)
+          accuracy(settings, scorer, key, log)
       elif kind == "longer":
         task, rank, name = args
         plan.longer(task, rank, name, plan.grid(task, rank, name)["best_lr"])

@@ -130,6 +130,22 @@ def test_a_fresh_checkout_retrains_a_run_whose_factors_are_gone(tiny):
     gc.final_params_path(settings, key, log)
 
 
+def test_each_seed_is_scored_before_the_next_one_trains(tiny):
+  """A comparison stopped between seeds has scored the seeds it trained:
+  their factors live in the work folder, which the next session does not
+  have, so a score left for later would cost a whole run again."""
+  settings, calls = tiny
+  settings = dataclasses.replace(settings, seeds=3)
+  log = lambda msg: None  # noqa: E731
+  # Seed 0 (the grid), Adam's longer run, seed 1; the budget stops seed 2.
+  gc.run_protocol(settings, max_runs=3, log=log, on_result=lambda: None)
+  scored = sorted(p.name for p in (settings.results_dir / "accuracy").iterdir())
+  best = gc.Plan(settings, lambda key: gc.cached_run(settings, key)).grid(
+      "arc_easy", 2, "adam")["best_lr"]
+  assert scored == [f"{gc.RunKey('arc_easy', 2, 'adam', best, s).name}.json"
+                    for s in (0, 1)]
+
+
 def test_the_steps_are_enough_only_if_twice_as_many_gain_less_than_the_spread():
   settings = gc.Gemma3Settings()
   adam = {"grid": [], "best_lr": 1e-4, "best_at_edge": False,
