@@ -448,24 +448,31 @@ def _has_longer_run(settings: Gemma3Settings) -> bool:
   return "adam" in settings.optimizers and settings.longer_run > 1
 
 
+def _claim_first(names: Sequence[str]) -> list[str]:
+  """Adam (the baseline) and LoRA-RITE (the claim under test) before the
+  others, which the report lists in the settings' order."""
+  return sorted(names, key=lambda n: {"adam": 0, "lora_rite": 1}.get(n, 2))
+
+
 def work_order(settings: Gemma3Settings) -> Iterator[tuple[str, tuple]]:
   """The protocol's pieces, most informative first: the first task at the
-  first rank for every optimizer (Adam's longer run right after Adam's
-  grid, before its seeds, as it says whether the steps are enough), then
-  the invariance experiment, then the other tasks, then the other ranks."""
+  first rank for every optimizer, Adam and LoRA-RITE first (Adam's longer
+  run right after Adam's grid, before its seeds, as it says whether the
+  steps are enough), then the invariance experiment, then the other
+  tasks, then the other ranks."""
   first_task, first_rank = settings.tasks[0], settings.ranks[0]
-  for name in settings.optimizers:
+  for name in _claim_first(settings.optimizers):
     if name == "adam" and _has_longer_run(settings):
       yield "longer", (first_task, first_rank, name)
     yield "main", (first_task, first_rank, name)
-  for name in settings.invariance_optimizers:
+  for name in _claim_first(settings.invariance_optimizers):
     for scale in settings.invariance_scales:
       yield "invariance", (first_task, first_rank, name, scale)
   for rank in settings.ranks:
     for task in settings.tasks:
       if (task, rank) == (first_task, first_rank):
         continue
-      for name in settings.optimizers:
+      for name in _claim_first(settings.optimizers):
         yield "main", (task, rank, name)
 
 

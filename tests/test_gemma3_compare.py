@@ -146,6 +146,26 @@ def test_each_seed_is_scored_before_the_next_one_trains(tiny):
                     for s in (0, 1)]
 
 
+def test_lora_rite_is_compared_with_adam_before_the_other_optimizers():
+  """The claim under test is LoRA-RITE against Adam: their pieces run
+  first on every task and rank, while the report keeps the settings'
+  order."""
+  settings = gc.Gemma3Settings()
+  order = list(gc.work_order(settings))
+  first = [a[2] for k, a in order if k == "main" and a[:2] == ("arc_easy", 8)]
+  assert first[:2] == ["adam", "lora_rite"]
+  assert sorted(first) == sorted(settings.optimizers)
+  for task in settings.tasks:
+    for rank in settings.ranks:
+      names = [a[2] for k, a in order if k == "main" and a[:2] == (task, rank)]
+      assert names[:2] == ["adam", "lora_rite"]
+  inv = [a[2] for k, a in order if k == "invariance"]
+  assert inv[:2 * len(settings.invariance_scales)] == (
+      ["adam"] * len(settings.invariance_scales)
+      + ["lora_rite"] * len(settings.invariance_scales))
+  assert settings.optimizers[1] != "lora_rite"  # the report's order differs
+
+
 def test_the_steps_are_enough_only_if_twice_as_many_gain_less_than_the_spread():
   settings = gc.Gemma3Settings()
   adam = {"grid": [], "best_lr": 1e-4, "best_at_edge": False,
