@@ -433,9 +433,13 @@ class Plan:
     return {"lrs": lrs, "runs": [runs[lr] for lr in lrs], "best_lr": best,
             "best_at_edge": best in (lrs[0], lrs[-1])}
 
-  def seeds(self, task: str, rank: int, name: str, lr: float) -> list[dict]:
-    return [self.run(RunKey(task, rank, name, lr, seed))
+  def seed_keys(self, task: str, rank: int, name: str, lr: float
+                ) -> list[RunKey]:
+    return [RunKey(task, rank, name, lr, seed)
             for seed in range(self.settings.seeds)]
+
+  def seeds(self, task: str, rank: int, name: str, lr: float) -> list[dict]:
+    return [self.run(key) for key in self.seed_keys(task, rank, name, lr)]
 
   def longer(self, task: str, rank: int, name: str, lr: float) -> dict:
     """Seed 0 at ``lr`` for ``longer_run`` times the steps."""
@@ -506,11 +510,10 @@ def run_protocol(settings: Gemma3Settings, max_runs: Optional[int],
       if kind == "main":
         task, rank, name = args
         best_lr = plan.grid(task, rank, name)["best_lr"]
-        for seed in range(settings.seeds):
+        for key in plan.seed_keys(task, rank, name, best_lr):
           # Scored while its factors are on disk: the work folder that
           # holds them does not outlive a session, and a seed whose score
           # waited for the next one would be trained again.
-          key = RunKey(task, rank, name, best_lr, seed)
           plan.run(key)
           accuracy(settings, scorer, key, log)
       elif kind == "longer":
