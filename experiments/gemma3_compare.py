@@ -73,7 +73,13 @@ GRID_CENTRES = {
 # preconditioned first step leaves B badly conditioned, the next step's A
 # explodes (|A| from 4 to 5e3 in one step, measured) and training diverges
 # at every learning rate tried (1e-5 to 1e-3). Update skipping stays on.
-HPARAMS = {"lora_rite": {"clip_unmagnified_grad": 0.0}}
+# LoRA-Pro in its memory-efficient mode (ALGORITHMS.md 3b, Adam on the
+# adjusted factor gradients), the one the comparison asks for: the full
+# mode keeps Adam's moments of every m x n weight (25-404 times Adam's
+# state, the README's optimizer benchmark) and made a run here 1.5 times
+# as long.
+HPARAMS = {"lora_rite": {"clip_unmagnified_grad": 0.0},
+           "lora_pro": {"mode": "efficient"}}
 
 
 @dataclasses.dataclass
@@ -200,8 +206,29 @@ def _load_average() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
+# Not compared with a cached run's config: where the run folder lies.
+_LOCAL_FIELDS = ("output_dir",)
+
+
 def cached_run(settings: Gemma3Settings, key: RunKey) -> Optional[dict]:
-  return _read(settings.results_dir / "runs" / f"{key.name}.json")
+  """Run ``key``'s cached result, or None; one cached under another
+  configuration than :func:`run_config`'s stops the comparison (the report
+  would otherwise show another protocol's figure under this one's name).
+  Fields the cached config lacks (added to the main job later, with their
+  old behaviour as default) are not compared."""
+  path = settings.results_dir / "runs" / f"{key.name}.json"
+  cached = _read(path)
+  if cached is None:
+    return None
+  want = dataclasses.asdict(run_config(settings, key))
+  got = cached.get("config", {})
+  diff = [f"{k}: {got[k]!r} there, {want[k]!r} now" for k in sorted(got)
+          if k in want and k not in _LOCAL_FIELDS and got[k] != want[k]]
+  if diff:
+    raise SystemExit(
+        f"{path}: run {key.name} was cached with another configuration than "
+        f"the comparison's ({'; '.join(diff)}); move it away to run it again")
+  return cached
 
 
 def _fit(config: finetune.FinetuneConfig, log: Callable[[str], None]
@@ -890,6 +917,13 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
       f"* Hyperparameters besides the lr: the registry's defaults, except "
       f"{json.dumps(HPARAMS)} (see `HPARAMS` in "
       f"`experiments/gemma3_compare.py` for why) and LoRA-Pro's scale.",
+      f"* Optimizers: {', '.join(f'`{n}`' for n in s.optimizers)}"
+      + ("" if {"lamb", "shampoo"} <= set(s.optimizers) else
+         "; not LAMB or Shampoo, for time: each would add 7 runs (5 rates "
+         "and 2 more seeds) per task and rank to the protocol's 4 settings, "
+         "about 7 CPU-hours here, and Shampoo's roots cost 19-92 times "
+         "Adam's update (the README's optimizer benchmark). "
+         "`--optimizers` adds them to the same cache.") + ".",
       f"* Wall time of the finished runs: {wall / 3600:.1f} h; machine: "
       f"{info.get('processor', '?')}, {info.get('cpu_count', '?')} CPUs, "
       f"{info.get('jax_devices', '?')}.",

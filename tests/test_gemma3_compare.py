@@ -5,6 +5,7 @@ without repeating a run, and the report is rebuilt from the cache alone,
 byte for byte."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -181,3 +182,27 @@ def test_the_steps_are_enough_only_if_twice_as_many_gain_less_than_the_spread():
   assert verdict(1.985) == "not levelled off"
   assert verdict(None) == "diverged"
   assert gc.levelled_off(settings, {"tables": {}, "longer": None}) is None
+
+
+def test_a_run_cached_under_another_configuration_is_refused(tmp_path):
+  """A cached result stands for the run of its name only if it ran under
+  the comparison's configuration now (LoRA-Pro's mode, LoRA-RITE's clip):
+  one from another protocol stops the comparison, naming the file and the
+  field, instead of entering the report under this protocol's name."""
+  settings = gc.Gemma3Settings(results=str(tmp_path / "results"),
+                               work=str(tmp_path / "work"))
+  key = gc.RunKey("arc_easy", 8, "lora_pro", 1e-5)
+  config = dataclasses.asdict(gc.run_config(settings, key))
+  path = settings.results_dir / "runs" / f"{key.name}.json"
+  # Where the run folder was, and fields the main job gained since, do not
+  # make it another run.
+  moved = {**config, "output_dir": "/elsewhere"}
+  del moved["eval_examples"]
+  gc._write(path, {"final_eval_loss": 2.0, "config": moved})
+  assert gc.cached_run(settings, key)["final_eval_loss"] == 2.0
+
+  gc._write(path, {"final_eval_loss": 2.0,
+                   "config": {**config, "hparams": '{"scale": 2.0}'}})
+  with pytest.raises(SystemExit, match=r"lora_pro-lr1e-05-s0\.json.*hparams"):
+    gc.cached_run(settings, key)
+  assert json.loads(config["hparams"])["mode"] == "efficient"
