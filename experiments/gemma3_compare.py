@@ -923,7 +923,8 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
          "and 2 more seeds) per task and rank to the protocol's 4 settings, "
          "about 7 CPU-hours here, and Shampoo's roots cost 19-92 times "
          "Adam's update (the README's optimizer benchmark). "
-         "`--optimizers` adds them to the same cache.") + ".",
+         "Naming them with the five in `--optimizers` runs them into the same "
+         "cache") + ".",
       f"* Wall time of the finished runs: {wall / 3600:.1f} h; machine: "
       f"{info.get('processor', '?')}, {info.get('cpu_count', '?')} CPUs, "
       f"{info.get('jax_devices', '?')}.",
