@@ -698,6 +698,43 @@ def levelled_off(settings: Gemma3Settings, found: dict[str, Any]
           else "levelled off")
 
 
+def invariance_shift(settings: Gemma3Settings, found: dict[str, Any]
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+  """Per optimizer and scale s != 1, its invariance curve against s = 1's:
+  the best rate and its ratio to s = 1's, the largest held-out-loss
+  difference at a rate both curves ran (infinite where only one diverged),
+  and the verdict: ``coincides`` when that difference is inside the seed
+  spread (std) of the optimizer's s = 1 seeds, else ``shifts``; None before
+  those seeds are in."""
+  table = found["tables"].get(f"{settings.tasks[0]}/r{settings.ranks[0]}", {})
+  out = {}
+  for name, curves in found["invariance"].items():
+    if "1" not in curves:
+      continue
+    base = dict(curves["1"])
+    base_best = min(base, key=lambda lr: _loss({"final_eval_loss": base[lr]}))
+    entry = table.get(name)
+    spread = (entry["eval_loss"]["std"] if _done(entry)
+              and entry["eval_loss"]["mean"] is not None else None)
+    for scale, points in curves.items():
+      if scale == "1":
+        continue
+      diffs = {}
+      for lr, v in points:
+        if lr in base:
+          a, b = _loss({"final_eval_loss": v}), _loss(
+              {"final_eval_loss": base[lr]})
+          diffs[lr] = 0.0 if a == b else abs(a - b)
+      best = min(points, key=lambda p: _loss({"final_eval_loss": p[1]}))[0]
+      at = max(diffs, key=diffs.get)
+      out.setdefault(name, {})[scale] = {
+          "best_lr": best, "best_lr_ratio": float(f"{best / base_best:.3g}"),
+          "max_diff": diffs[at], "max_diff_lr": at, "spread": spread,
+          "verdict": None if spread is None else
+                     "coincides" if diffs[at] <= spread else "shifts"}
+  return out
+
+
 def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
   lines = []
   for where, entry in found["tables"].items():
@@ -770,6 +807,23 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
         lines.append(f"| `{name}` | {scale} | " + ", ".join(
             f"{lr:g}: {_fmt(v)}" for lr, v in points) + " |")
     lines.append("")
+    shift = invariance_shift(settings, found)
+    if shift:
+      lines.append("Against s = 1, at the rates both curves ran (coincides: "
+                   "the largest difference is inside the s = 1 seed "
+                   "spread):\n")
+    for name, scales in shift.items():
+      for scale, d in scales.items():
+        diff = ("diverged on one only" if d["max_diff"] == math.inf
+                else f"{d['max_diff']:.2g}")
+        verdict = ("" if d["verdict"] is None else
+                   f"; seed spread {d['spread']:.2g}: **{d['verdict']}**")
+        lines.append(
+            f"* `{name}`, s = {scale}: best rate {d['best_lr']:g} "
+            f"({d['best_lr_ratio']:g}x s = 1's); largest difference "
+            f"{diff} (at {d['max_diff_lr']:g}){verdict}.")
+    if shift:
+      lines.append("")
   return "\n".join(lines)
 
 
@@ -856,6 +910,37 @@ def machine() -> dict[str, Any]:
           "jax": jax.__version__}
 
 
+def findings(settings: Gemma3Settings, found: dict[str, Any]) -> list[str]:
+  """The plain statement of what the finished runs show, one bullet per
+  (task, rank) and for the steps and the invariance experiment, in the
+  protocol's own terms (seed spread; coincide or shift)."""
+  lines = []
+  for where, entry in found["tables"].items():
+    sig = significance(entry)
+    if not sig:
+      continue
+    by = {v: [f"`{n}`" for n, w in sig.items() if w == v]
+          for v in ("better", "worse", "within seed spread")}
+    parts = [f"{label} than Adam: {', '.join(by[v]) or 'none'}"
+             for label, v in (("better", "better"), ("worse", "worse"))]
+    parts.append("level with it (within the seed spread): "
+                 + (", ".join(by["within seed spread"]) or "none"))
+    lines.append(f"* {where.replace('/r', ', rank ')}: " + "; ".join(parts)
+                 + f" (held-out loss, {settings.seeds} seeds).")
+  verdict = levelled_off(settings, found)
+  if verdict is not None:
+    lines.append(f"* Steps: Adam's held-out loss has {verdict} by step "
+                 f"{settings.steps}." if verdict != "diverged" else
+                 "* Steps: Adam's longer run diverged.")
+  for name, scales in invariance_shift(settings, found).items():
+    said = [f"s = {scale} {d['verdict']}" for scale, d in scales.items()
+            if d["verdict"] is not None]
+    if said:
+      lines.append(f"* Invariance, `{name}`: against s = 1, "
+                   + ", ".join(said) + ".")
+  return lines
+
+
 def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
   """``report.json``, ``README.md`` and the PNGs, from the cached results
   alone (the same files give the same report)."""
@@ -887,6 +972,8 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
        f"unfinished. The next run of "
        f"each: " + ", ".join(f"`{m}`" for m in found["missing"]) + ". Rerun "
        "the command to continue; the tables fill in as runs finish.") + "\n",
+      *(["## What it shows\n", "\n".join(findings(settings, found)) + "\n"]
+        if findings(settings, found) else []),
       "## Results\n", markdown(settings, found)]
   for fig in report["figures"]:
     text.append(f"![{fig}]({fig})\n")
@@ -931,6 +1018,8 @@ def write_report(settings: Gemma3Settings, command: str) -> dict[str, Any]:
       f"* Command: `{command}`",
       ""]
   report["markdown"] = markdown(settings, found)
+  report["invariance_shift"] = invariance_shift(settings, found)
+  report["findings"] = findings(settings, found)
   (out / "report.json").write_text(json.dumps(report, indent=1,
                                               sort_keys=True) + "\n")
   (out / "README.md").write_text("\n".join(text))

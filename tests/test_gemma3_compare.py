@@ -206,3 +206,53 @@ def test_a_run_cached_under_another_configuration_is_refused(tmp_path):
   with pytest.raises(SystemExit, match=r"lora_pro-lr1e-05-s0\.json.*hparams"):
     gc.cached_run(settings, key)
   assert json.loads(config["hparams"])["mode"] == "efficient"
+
+
+def test_invariance_curves_coincide_only_within_the_seed_spread():
+  """Per optimizer and scale s, the invariance curve against s = 1's: its
+  best rate (and the ratio to s = 1's), the largest held-out-loss
+  difference at a rate both ran (a rate diverged on one curve only counts
+  as infinite), and "coincides" only when that difference is inside the
+  s = 1 seed spread."""
+  settings = gc.Gemma3Settings(invariance_scales=(0.01, 1.0, 100.0),
+                               invariance_optimizers=("adam", "lora_rite"))
+  spread = {"mean": 2.0, "std": 0.004, "values": [1.996, 2.0, 2.004]}
+  one = [[1e-5, 2.10], [1e-4, 1.99], [1e-3, 2.15]]
+  found = {
+      "tables": {"arc_easy/r8": {
+          name: {"grid": one, "best_lr": 1e-4, "best_at_edge": False,
+                 "eval_loss": spread} for name in ("adam", "lora_rite")}},
+      "invariance": {
+          "adam": {"0.01": [[1e-5, 2.18], [1e-4, 2.02], [1e-3, 1.99],
+                            [3.16e-3, 2.2]],
+                   "1": one,
+                   "100": [[1e-6, 2.0], [1e-5, 2.3], [1e-4, None],
+                           [1e-3, 8.0]]},
+          "lora_rite": {"0.01": [[1e-5, 2.1000001], [1e-4, 1.99],
+                                 [1e-3, 2.1530]],
+                        "1": one}}}
+  shift = gc.invariance_shift(settings, found)
+  small = shift["adam"]["0.01"]
+  assert small["best_lr"] == 1e-3 and small["best_lr_ratio"] == 10
+  assert small["max_diff"] == pytest.approx(0.16)
+  assert small["max_diff_lr"] == 1e-3 and small["verdict"] == "shifts"
+  large = shift["adam"]["100"]
+  assert large["best_lr"] == 1e-6 and large["max_diff"] == math.inf
+  assert large["max_diff_lr"] == 1e-4 and large["verdict"] == "shifts"
+  rite = shift["lora_rite"]["0.01"]
+  assert rite["max_diff"] == pytest.approx(0.003)
+  assert rite["best_lr_ratio"] == 1 and rite["verdict"] == "coincides"
+  assert "100" not in shift["lora_rite"] and "1" not in shift["adam"]
+  said = gc.findings(settings, {**found, "longer": None})
+  assert said == [
+      "* arc_easy, rank 8: better than Adam: none; worse than Adam: none; "
+      "level with it (within the seed spread): `lora_rite` (held-out loss, "
+      "3 seeds).",
+      "* Invariance, `adam`: against s = 1, s = 0.01 shifts, s = 100 shifts.",
+      "* Invariance, `lora_rite`: against s = 1, s = 0.01 coincides."]
+  # Without the s = 1 seeds there is no spread to judge by: numbers only.
+  found["tables"]["arc_easy/r8"]["lora_rite"] = {"in_progress": one}
+  assert gc.invariance_shift(settings, found)["lora_rite"]["0.01"][
+      "verdict"] is None
+  text = gc.markdown(settings, {**found, "tables": {}, "longer": None})
+  assert "`adam`, s = 100: best rate 1e-06 (0.01x s = 1's)" in text
