@@ -8,7 +8,7 @@ result is written to ``docs/results/gemma3/runs/<run>.json`` the moment it
 finishes, and a run killed half way resumes from its last checkpoint, so the
 comparison, several CPU-days here, is run in pieces: rerun the same command
 and it goes on where it stopped. The report is rebuilt from the cached
-results at every start and after every run, and says what is still missing
+results after every run and when the command finishes, and says what is missing
 (``--report-only`` rebuilds it without running anything).
 
 Protocol (:class:`Gemma3Settings`):
