@@ -211,9 +211,10 @@ def test_a_run_cached_under_another_configuration_is_refused(tmp_path):
 def test_invariance_curves_coincide_only_within_the_seed_spread():
   """Per optimizer and scale s, the invariance curve against s = 1's: its
   best rate (and the ratio to s = 1's), the largest held-out-loss
-  difference at a rate both ran (a rate diverged on one curve only counts
-  as infinite), and "coincides" only when that difference is inside the
-  s = 1 seed spread."""
+  difference at a rate both ran, up to s = 1's best rate and above it (a
+  rate diverged on one curve only counts as infinite), the first steps'
+  train-loss difference, and "coincides" only when the difference up to
+  the best rate is inside the s = 1 seed spread."""
   settings = gc.Gemma3Settings(invariance_scales=(0.01, 1.0, 100.0),
                                invariance_optimizers=("adam", "lora_rite"))
   spread = {"mean": 2.0, "std": 0.004, "values": [1.996, 2.0, 2.004]}
@@ -230,17 +231,24 @@ def test_invariance_curves_coincide_only_within_the_seed_spread():
                            [1e-3, 8.0]]},
           "lora_rite": {"0.01": [[1e-5, 2.1000001], [1e-4, 1.99],
                                  [1e-3, 2.1530]],
-                        "1": one}}}
+                        "1": one}},
+      "invariance_early": {"lora_rite": {
+          "1": [[1e-5, [5.5, 4.8]], [1e-3, [5.5, 3.9]]],
+          "0.01": [[1e-5, [5.5, 4.8000002]], [1e-3, [5.5, 3.9001]]]}}}
   shift = gc.invariance_shift(settings, found)
   small = shift["adam"]["0.01"]
   assert small["best_lr"] == 1e-3 and small["best_lr_ratio"] == 10
-  assert small["max_diff"] == pytest.approx(0.16)
-  assert small["max_diff_lr"] == 1e-3 and small["verdict"] == "shifts"
+  assert small["stable_diff"] == pytest.approx(0.08)
+  assert small["stable_lr"] == 1e-5 and small["verdict"] == "shifts"
+  assert small["above_diff"] == pytest.approx(0.16)
+  assert small["early_diff"] is None  # no train curves given
   large = shift["adam"]["100"]
-  assert large["best_lr"] == 1e-6 and large["max_diff"] == math.inf
-  assert large["max_diff_lr"] == 1e-4 and large["verdict"] == "shifts"
+  assert large["best_lr"] == 1e-6 and large["stable_diff"] == math.inf
+  assert large["stable_lr"] == 1e-4 and large["verdict"] == "shifts"
   rite = shift["lora_rite"]["0.01"]
-  assert rite["max_diff"] == pytest.approx(0.003)
+  assert rite["stable_diff"] == pytest.approx(1e-7)
+  assert rite["above_diff"] == pytest.approx(0.003)
+  assert rite["early_diff"] == pytest.approx(1e-4) and rite["early_lr"] == 1e-3
   assert rite["best_lr_ratio"] == 1 and rite["verdict"] == "coincides"
   assert "100" not in shift["lora_rite"] and "1" not in shift["adam"]
   said = gc.findings(settings, {**found, "longer": None})
@@ -256,3 +264,4 @@ def test_invariance_curves_coincide_only_within_the_seed_spread():
       "verdict"] is None
   text = gc.markdown(settings, {**found, "tables": {}, "longer": None})
   assert "`adam`, s = 100: best rate 1e-06 (0.01x s = 1's)" in text
+  assert "diverged on one only (at 0.0001) up to the best rate" in text
