@@ -255,7 +255,16 @@ def train_run(settings: Gemma3Settings, key: RunKey,
   config = run_config(settings, key)
   log(f"run {key.name}")
   began, load = time.perf_counter(), _load_average()
-  history, diverged = _fit(config, log)
+  # A run preempted at a checkpoint resumes in a later invocation: the time
+  # its earlier invocations trained is kept beside its checkpoints.
+  earlier_path = pathlib.Path(config.output_dir) / _EARLIER_WALL
+  earlier = (_read(earlier_path) or {}).get("wall_s", 0.0)
+  try:
+    history, diverged = _fit(config, log)
+  except SystemExit:
+    _write(earlier_path,
+           {"wall_s": round(earlier + time.perf_counter() - began, 1)})
+    raise
   evals = [[s, v] for s, v in history.get("eval/loss", [])]
   final = evals[-1][1] if evals and evals[-1][0] == config.steps else None
   out = {
@@ -264,7 +273,7 @@ def train_run(settings: Gemma3Settings, key: RunKey,
       "eval_loss": evals,
       "final_eval_loss": final if sweep.is_finite(final) else None,
       "diverged": diverged,
-      "wall_s": round(time.perf_counter() - began, 1),
+      "wall_s": round(earlier + time.perf_counter() - began, 1),
       "load_average_at_start": load,
       "config": dataclasses.asdict(config),
   }
@@ -305,6 +314,7 @@ def final_params_path(settings: Gemma3Settings, key: RunKey,
 
 
 _PARAMS = "final_params.npz"
+_EARLIER_WALL = "wall_s_before_resume.json"
 
 
 def _read_history(output_dir: pathlib.Path

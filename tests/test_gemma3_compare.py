@@ -100,6 +100,33 @@ def test_a_stopped_comparison_resumes_without_repeating_a_run(tiny):
           "lr_sensitivity.png", "invariance.png"} <= set(files)
 
 
+def test_a_resumed_run_counts_the_time_of_every_invocation(tiny,
+                                                            monkeypatch):
+  """A run preempted at a checkpoint and resumed by the next invocation
+  reports the wall time of both, not only the last one's."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  settings, _ = tiny
+  clock = [0.0]
+  monkeypatch.setattr(gc, "time",
+                      types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  real_fit, invocations = gc._fit, []
+
+  def fit(config, log):
+    invocations.append(config.output_dir)
+    clock[0] += 100.0 if len(invocations) == 1 else 50.0
+    if len(invocations) == 1:
+      raise SystemExit(3)  # as a preempted run does, once checkpointed
+    return real_fit(config, log)
+
+  monkeypatch.setattr(gc, "_fit", fit)
+  key = gc.RunKey("arc_easy", 2, "adam", 1e-3)
+  with pytest.raises(SystemExit):
+    gc.train_run(settings, key, lambda msg: None)
+  assert gc.train_run(settings, key, lambda msg: None)["wall_s"] == 150.0
+  assert len(invocations) == 2
+
+
 def test_a_fresh_checkout_retrains_a_run_whose_factors_are_gone(tiny):
   """The results folder is committed, the work folder (each run's final
   factors) is not: a comparison continued from a fresh checkout trains a
