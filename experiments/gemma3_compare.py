@@ -937,13 +937,16 @@ def plot(settings: Gemma3Settings, found: dict[str, Any],
               "peak learning rate", lr_curve, log_x=True)
   if found["invariance"]:
     inv = found["invariance"]
+    # One colour per s in every panel, whichever curves a panel has so far.
+    scale_colors = {f"{scale:g}": plt.get_cmap("tab10")(i) for i, scale in
+                    enumerate(sorted({1.0, *settings.invariance_scales}))}
     fig, axes = plt.subplots(1, len(inv), figsize=(4.2 * len(inv), 3.8),
                              squeeze=False, sharey=True)
     for ax, (name, curves) in zip(axes[0], inv.items()):
       for scale, points in curves.items():
         ax.plot([lr for lr, _ in points],
                 [v if sweep.is_finite(v) else np.nan for _, v in points],
-                "o-", label=f"s = {scale}")
+                "o-", label=f"s = {scale}", color=scale_colors.get(scale))
       ax.set_xscale("log")
       ax.set_title(f"{name}: start (A s, B = 0)")
       ax.set_xlabel("peak learning rate")
