@@ -636,9 +636,9 @@ def collect(settings: Gemma3Settings) -> dict[str, Any]:
         continue
       invariance.setdefault(name, {})[f"{scale:g}"] = [
           [lr, r["final_eval_loss"]] for lr, r in zip(g["lrs"], g["runs"])]
-      early[name] = {**early.get(name, {}), f"{scale:g}": [
+      early.setdefault(name, {})[f"{scale:g}"] = [
           [lr, [v for step, v in r["train_loss"] if step <= EARLY_STEPS]]
-          for lr, r in zip(g["lrs"], g["runs"])]}
+          for lr, r in zip(g["lrs"], g["runs"])]
   longer = None
   if _has_longer_run(settings):
     try:
@@ -858,13 +858,14 @@ def markdown(settings: Gemma3Settings, found: dict[str, Any]) -> str:
           f"does not depend on s). Coincides: the first is inside the s = 1 "
           f"seed spread (above the best rate, training nears its edge of "
           f"stability, where any difference, rounding included, grows).\n")
+    def said(v, at):
+      if v is None:
+        return "none ran"
+      return ("diverged on one only" if v == math.inf
+              else f"{v:.2g}") + f" (at {at:g})"
+
     for name, scales in shift.items():
       for scale, d in scales.items():
-        def said(v, at):
-          if v is None:
-            return "none ran"
-          return ("diverged on one only" if v == math.inf
-                  else f"{v:.2g}") + f" (at {at:g})"
         verdict = ("" if d["verdict"] is None else
                    f"; seed spread {d['spread']:.2g}: **{d['verdict']}**")
         lines.append(
